@@ -6,6 +6,7 @@
 //! memory and register values; the `vmm` crate applies them.
 
 pub mod acpi;
+pub mod boot;
 pub mod cpuid;
 pub mod layout;
 pub mod msr;

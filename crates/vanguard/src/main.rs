@@ -1,1 +1,116 @@
-fn main() {}
+//! `vanguard`: the command-line entry point of the Vanguard virtualization platform.
+
+mod size;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+use vmm::{KernelImage, SerialOutput, Vm, VmConfig, VmOutcome};
+
+/// The test guest, built from guest/ by build.rs.
+static DEFAULT_GUEST: &[u8] = include_bytes!(env!("VANGUARD_GUEST_PATH"));
+/// What the default guest does when no command line is given: a banner, a short self-check.
+const DEFAULT_GUEST_CMDLINE: &str = "console=ttyS0 hello smp mem=8M";
+
+#[derive(Parser)]
+#[command(name = "vanguard", version, about = "Vanguard: an open virtualization platform")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one VM in the foreground until the guest powers off.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Kernel to boot (bzImage or ELF vmlinux); default: the built-in test guest.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=254))]
+    cpus: u8,
+    /// Guest memory: a number with K, M, G or T (a bare number is MiB).
+    #[arg(long, default_value = "128M", value_parser = size::parse_size)]
+    memory: u64,
+    /// Where the serial console goes: stdio, file:PATH or none.
+    #[arg(long, default_value = "stdio", value_parser = parse_serial)]
+    serial: SerialOutput,
+    /// Back guest memory with hugetlbfs pages (reserve them first in /proc/sys/vm/nr_hugepages).
+    #[arg(long)]
+    hugepages: bool,
+    /// Attach the debug-exit port (0xf4): a guest write of N ends the VM with exit status N.
+    #[arg(long)]
+    debug_exit: bool,
+    /// Attach the boot-timer port (0x440) and report when the guest writes to it.
+    #[arg(long)]
+    boot_timer: bool,
+}
+
+fn parse_serial(s: &str) -> Result<SerialOutput, String> {
+    match s {
+        "stdio" => Ok(SerialOutput::Stdio),
+        "none" => Ok(SerialOutput::None),
+        _ => match s.strip_prefix("file:") {
+            Some(path) if !path.is_empty() => Ok(SerialOutput::File(path.into())),
+            _ => Err(format!("invalid serial '{s}': use stdio, file:PATH or none")),
+        },
+    }
+}
+
+fn run(args: RunArgs, start: Instant) -> Result<VmOutcome, vmm::VmmError> {
+    let (kernel, default_cmdline) = match args.kernel {
+        Some(path) => (KernelImage::Path(path), "console=ttyS0"),
+        None => (
+            KernelImage::Bytes { name: "built-in test guest".into(), data: DEFAULT_GUEST },
+            DEFAULT_GUEST_CMDLINE,
+        ),
+    };
+    let mut config = VmConfig::new(kernel);
+    config.initrd = args.initrd;
+    config.cmdline = args.cmdline.unwrap_or_else(|| default_cmdline.to_string());
+    config.cpus = args.cpus;
+    config.memory = args.memory;
+    config.serial = args.serial;
+    config.hugepages = args.hugepages;
+    config.debug_exit = args.debug_exit;
+    config.boot_timer = args.boot_timer;
+    config.start_time = start;
+    Vm::run(config)
+}
+
+/// Prints an error and its chain of causes on one line each.
+fn report(err: &dyn std::error::Error) {
+    let mut text = format!("vanguard: error: {err}");
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    eprintln!("{text}");
+}
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => match run(args, start) {
+            Ok(VmOutcome::PowerOff) | Ok(VmOutcome::Reset) => ExitCode::SUCCESS,
+            Ok(VmOutcome::DebugExit(code)) => ExitCode::from(code),
+            Err(e) => {
+                report(&e);
+                ExitCode::FAILURE
+            }
+        },
+    }
+}

@@ -1,1 +1,17 @@
-//! vmm
+//! Vanguard's virtual machine monitor: one KVM virtual machine with its memory, vCPU threads,
+//! in-kernel interrupt controllers and legacy devices, booted through the Linux boot protocol.
+//!
+//! [`Vm::run`] builds the machine from a [`VmConfig`], runs it until the guest powers off,
+//! resets, asks to exit through the debug port, or fails, and returns what happened.
+
+mod config;
+mod error;
+mod kernel;
+mod memory;
+mod regs;
+mod vcpu;
+mod vm;
+
+pub use config::{KernelImage, SerialOutput, VmConfig};
+pub use error::{GuestFailure, VmmError};
+pub use vm::{Vm, VmOutcome};

@@ -1,0 +1,81 @@
+//! What a user asks for when starting a VM.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Where the kernel comes from.
+#[derive(Debug, Clone)]
+pub enum KernelImage {
+    /// A bzImage or ELF file on the host.
+    Path(PathBuf),
+    /// An image held in memory (the test guest embedded in the binary), with a name for messages.
+    Bytes {
+        /// Shown in error messages in place of a path.
+        name: String,
+        /// The image.
+        data: &'static [u8],
+    },
+}
+
+impl std::fmt::Display for KernelImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KernelImage::Path(p) => write!(f, "{}", p.display()),
+            KernelImage::Bytes { name, .. } => f.write_str(name),
+        }
+    }
+}
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialOutput {
+    /// This process's stdout, with stdin as the guest's input.
+    Stdio,
+    /// A file (created or truncated); no input.
+    File(PathBuf),
+    /// Discarded; no input.
+    None,
+}
+
+/// A VM to run.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// The kernel.
+    pub kernel: KernelImage,
+    /// An initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    pub cmdline: String,
+    /// Number of vCPUs (1..=254).
+    pub cpus: u8,
+    /// Guest memory in bytes.
+    pub memory: u64,
+    /// Back guest memory with hugetlbfs pages instead of transparent huge pages.
+    pub hugepages: bool,
+    /// Serial console destination.
+    pub serial: SerialOutput,
+    /// Attach the debug-exit port.
+    pub debug_exit: bool,
+    /// Attach the boot-timer port.
+    pub boot_timer: bool,
+    /// When the process started, for the boot timer.
+    pub start_time: Instant,
+}
+
+impl VmConfig {
+    /// A configuration with defaults for everything but the kernel.
+    pub fn new(kernel: KernelImage) -> Self {
+        Self {
+            kernel,
+            initrd: None,
+            cmdline: String::new(),
+            cpus: 1,
+            memory: 128 << 20,
+            hugepages: false,
+            serial: SerialOutput::Stdio,
+            debug_exit: false,
+            boot_timer: false,
+            start_time: Instant::now(),
+        }
+    }
+}

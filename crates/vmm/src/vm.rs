@@ -1,0 +1,292 @@
+//! Building a VM from its configuration and running it to the end.
+
+use crate::config::{SerialOutput, VmConfig};
+use crate::error::VmmError;
+use crate::kernel;
+use crate::memory;
+use crate::vcpu::{self, BootState, VcpuReport, VcpuRunner};
+use arch::layout::*;
+use devices::legacy::{AcpiPm, BootTimer, DebugExit, I8042, SerialPort};
+use devices::{Bus, IrqLine};
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use std::ffi::CString;
+use std::io::Read;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex, Once};
+use std::time::Duration;
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EventFd;
+
+/// How a VM ended when the guest ended it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmOutcome {
+    /// ACPI power-off.
+    PowerOff,
+    /// Reset (i8042 or ACPI reset register).
+    Reset,
+    /// The guest wrote this status to the debug-exit port.
+    DebugExit(u8),
+}
+
+/// The environment variable that points Vanguard at another KVM device node (for tests).
+pub const KVM_DEVICE_ENV: &str = "VANGUARD_KVM_DEVICE";
+
+/// A virtual machine.
+pub struct Vm;
+
+struct EventFdIrq(EventFd);
+impl IrqLine for EventFdIrq {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+struct LineIrq {
+    vm: Arc<VmFd>,
+    gsi: u32,
+}
+impl IrqLine for LineIrq {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.set_level(true)?;
+        self.set_level(false)
+    }
+    fn set_level(&self, high: bool) -> std::io::Result<()> {
+        self.vm.set_irq_line(self.gsi, high).map_err(std::io::Error::from)
+    }
+}
+
+fn open_kvm() -> Result<Kvm, VmmError> {
+    let path = std::env::var(KVM_DEVICE_ENV).unwrap_or_else(|_| "/dev/kvm".to_string());
+    let c_path = CString::new(path.clone()).map_err(|_| VmmError::KvmMissing)?;
+    let kvm = Kvm::new_with_path(&c_path).map_err(|e| match e.errno() {
+        libc::ENOENT => VmmError::KvmMissing,
+        libc::EACCES | libc::EPERM => VmmError::KvmPermission,
+        _ => VmmError::KvmOpen(e),
+    })?;
+    if kvm.get_api_version() != 12 {
+        return Err(VmmError::MissingCapability("KVM API version 12"));
+    }
+    for (cap, name) in [
+        (Cap::Irqchip, "in-kernel irqchip"),
+        (Cap::Pit2, "in-kernel PIT"),
+        (Cap::UserMemory, "user memory"),
+        (Cap::SetTssAddr, "TSS address"),
+        (Cap::Irqfd, "irqfd"),
+        (Cap::ImmediateExit, "immediate exit"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmmError::MissingCapability(name));
+        }
+    }
+    Ok(kvm)
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // An empty handler is enough: its only job is to make KVM_RUN return EINTR. Failure
+        // leaves the default action (terminate), so report it rather than hide it.
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler) {
+            eprintln!("vanguard: cannot install the vCPU kick signal handler: {e}");
+        }
+    });
+}
+
+fn serial_writer(out: &SerialOutput) -> Result<Box<dyn std::io::Write + Send>, VmmError> {
+    Ok(match out {
+        SerialOutput::Stdio => Box::new(std::io::stdout()),
+        SerialOutput::File(path) => Box::new(
+            std::fs::File::create(path)
+                .map_err(|source| VmmError::SerialFile { path: path.clone(), source })?,
+        ),
+        SerialOutput::None => Box::new(std::io::sink()),
+    })
+}
+
+/// Feeds this process's stdin to the guest's serial port, holding back input the receive
+/// FIFO has no room for rather than dropping it.
+fn spawn_stdin_reader(serial: Arc<Mutex<SerialPort>>) -> Result<(), VmmError> {
+    std::thread::Builder::new()
+        .name("serial-in".into())
+        .spawn(move || {
+            let mut stdin = std::io::stdin();
+            let mut buf = [0u8; 64];
+            loop {
+                let n = match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let mut pending = &buf[..n];
+                while !pending.is_empty() {
+                    let taken = devices::bus::lock(&serial).enqueue_input(pending);
+                    pending = &pending[taken..];
+                    if !pending.is_empty() {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|source| VmmError::Thread { name: "serial-in".into(), source })
+}
+
+impl Vm {
+    /// Builds the VM described by `config`, runs it, and returns how the guest ended it.
+    pub fn run(config: VmConfig) -> Result<VmOutcome, VmmError> {
+        let kvm = open_kvm()?;
+        let max_cpus = kvm.get_max_vcpus().min(254);
+        if config.cpus == 0 || usize::from(config.cpus) > max_cpus {
+            return Err(VmmError::InvalidCpuCount {
+                cpus: u32::from(config.cpus),
+                max: u32::try_from(max_cpus).unwrap_or(254),
+            });
+        }
+        let vm = Arc::new(kvm.create_vm().map_err(|source| VmmError::Kvm { what: "create VM", source })?);
+        let kvm_call = |what| move |source| VmmError::Kvm { what, source };
+        vm.set_identity_map_address(KVM_IDENTITY_MAP_START).map_err(kvm_call("set identity map address"))?;
+        vm.set_tss_address(KVM_TSS_START as usize).map_err(kvm_call("set TSS address"))?;
+        vm.create_irq_chip().map_err(kvm_call("create irqchip"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        vm.create_pit2(pit).map_err(kvm_call("create PIT"))?;
+
+        let mem = Arc::new(memory::create_guest_memory(config.memory, config.hugepages)?);
+        memory::register_memory(&vm, &mem)?;
+
+        // Kernel, initrd, command line, boot structures.
+        let loaded = kernel::load_kernel(&mem, &config.kernel, config.memory)?;
+        let header = loaded.result.setup_header;
+        let cmdline_size =
+            kernel::load_cmdline(&mem, &config.cmdline, header.map(|h| h.cmdline_size))?;
+        let initrd = match &config.initrd {
+            Some(path) => Some(kernel::load_initrd(
+                &mem,
+                path,
+                loaded.result.kernel_end,
+                config.memory,
+                header.map(|h| h.initrd_addr_max),
+            )?),
+            None => None,
+        };
+        let rsdp = arch::acpi::create_acpi_tables(&mem, &arch::acpi::AcpiConfig { num_cpus: config.cpus })
+            .map_err(VmmError::Acpi)?;
+        arch::boot::write_boot_gdt(&mem)?;
+        let cr3 = arch::boot::write_identity_page_tables(&mem)?;
+        let boot = if loaded.pvh {
+            let info = arch::boot::write_pvh_start_info(&mem, config.memory, initrd, Some(rsdp))?;
+            let mode = arch::boot::EntryMode::Pvh;
+            BootState { regs: arch::boot::boot_regs(mode, loaded.entry, info.0), mode, cr3 }
+        } else {
+            arch::boot::write_zero_page(&mem, config.memory, header, cmdline_size, initrd, Some(rsdp))?;
+            let mode = arch::boot::EntryMode::Linux64;
+            BootState { regs: arch::boot::boot_regs(mode, loaded.entry, ZERO_PAGE_START), mode, cr3 }
+        };
+        let _ = GuestAddress(0);
+
+        // Devices.
+        let serial_evt = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|source| VmmError::Device { what: "serial interrupt", source: source.into() })?;
+        vm.register_irqfd(&serial_evt, COM1_IRQ).map_err(kvm_call("register serial irqfd"))?;
+        let serial = Arc::new(Mutex::new(SerialPort::new(
+            Arc::new(EventFdIrq(serial_evt)),
+            serial_writer(&config.serial)?,
+        )));
+        let mut pio = Bus::new();
+        let bus_err = |what| move |e: devices::BusError| VmmError::Device { what, source: std::io::Error::other(e) };
+        pio.insert(serial.clone(), u64::from(COM1_PORT), 8).map_err(bus_err("serial"))?;
+        let i8042 = Arc::new(Mutex::new(I8042::new()));
+        pio.insert(i8042.clone(), u64::from(I8042_DATA_PORT), 1).map_err(bus_err("i8042"))?;
+        pio.insert(i8042, u64::from(I8042_COMMAND_PORT), 1).map_err(bus_err("i8042"))?;
+        let pm = AcpiPm::new(SLP_TYP_S5, Arc::new(LineIrq { vm: vm.clone(), gsi: SCI_IRQ }));
+        pio.insert(Arc::new(Mutex::new(pm)), u64::from(PM1A_EVT_PORT), 6).map_err(bus_err("ACPI PM"))?;
+        if config.debug_exit {
+            pio.insert(Arc::new(Mutex::new(DebugExit)), u64::from(DEBUG_EXIT_PORT), 4)
+                .map_err(bus_err("debug exit"))?;
+        }
+        if config.boot_timer {
+            let report = Box::new(|elapsed: Duration| {
+                let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+                // SAFETY: clock_gettime writes only into the timespec we pass.
+                unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+                eprintln!(
+                    "vanguard: boot timer: guest reached its payload {:.3} ms after start (monotonic {}.{:09})",
+                    elapsed.as_secs_f64() * 1e3,
+                    now.tv_sec,
+                    now.tv_nsec
+                );
+            });
+            pio.insert(Arc::new(Mutex::new(BootTimer::new(config.start_time, report))), u64::from(BOOT_TIMER_PORT), 1)
+                .map_err(bus_err("boot timer"))?;
+        }
+        let pio = Arc::new(pio);
+        let mmio = Arc::new(Bus::new());
+        if config.serial == SerialOutput::Stdio {
+            spawn_stdin_reader(serial)?;
+        }
+
+        // vCPUs, each configured and run on its own thread.
+        install_kick_handler();
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_call("get supported CPUID"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel();
+        let mut threads = Vec::with_capacity(usize::from(config.cpus));
+        let boot = Arc::new(boot);
+        for cpu in 0..config.cpus {
+            let vcpu = vm.create_vcpu(u64::from(cpu)).map_err(kvm_call("create vCPU"))?;
+            let runner = VcpuRunner {
+                cpu,
+                vcpu,
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                mem: mem.clone(),
+                stop: stop.clone(),
+                report: tx.clone(),
+            };
+            let cpuid = cpuid.clone();
+            let num_cpus = config.cpus;
+            let boot = boot.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{cpu}"))
+                .spawn(move || {
+                    let boot_state = (cpu == 0).then_some(&*boot);
+                    if let Err(e) = vcpu::configure(&runner.vcpu, cpu, cpuid, num_cpus, boot_state) {
+                        let _ = runner.report.send(VcpuReport::Failed(e));
+                        return;
+                    }
+                    runner.run();
+                })
+                .map_err(|source| VmmError::Thread { name: format!("vcpu{cpu}"), source })?;
+            threads.push(handle);
+        }
+        drop(tx);
+
+        // The first report decides the outcome; then every vCPU is stopped.
+        let first = rx.recv();
+        stop.store(true, Ordering::Release);
+        for handle in &threads {
+            while !handle.is_finished() {
+                // SAFETY: the thread is alive (not finished) and its pthread_t valid until
+                // joined below; the signal has an installed no-op handler.
+                unsafe { libc::pthread_kill(handle.as_pthread_t(), kick_signal()) };
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+        for handle in threads {
+            let _ = handle.join();
+        }
+        match first {
+            Ok(VcpuReport::Outcome(outcome)) => Ok(outcome),
+            Ok(VcpuReport::Failed(e)) => Err(e),
+            Err(_) => Err(VmmError::MissingCapability("a running vCPU")),
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! The memory scenario: map all of guest RAM (above 4 GiB too), write a pattern that
+//! differs at every address, and read it back.
+
+use crate::bootinfo::{BootInfo, Range};
+use crate::entry::{self, PERCPU_SIZE};
+use crate::{io, println};
+
+/// GiB of address space the guest can map (its page directories are static).
+const MAX_GIB: usize = 64;
+/// Page directories for addresses from 4 GiB up to MAX_GIB.
+#[repr(C, align(4096))]
+struct HighDirs([[u64; 512]; MAX_GIB - 4]);
+static mut HIGH_DIRS: HighDirs = HighDirs([[0; 512]; MAX_GIB - 4]);
+
+/// Maps `gib` (a 1 GiB slot above 4 GiB) with 2 MiB pages.
+fn map_gib(gib: usize) -> bool {
+    if !(4..MAX_GIB).contains(&gib) {
+        return false;
+    }
+    // SAFETY: only the boot vCPU maps memory, before any other code touches these addresses;
+    // the directory and the PDPT are identity-mapped guest memory.
+    unsafe {
+        let dir = &raw mut HIGH_DIRS.0[gib - 4];
+        let pdpt = entry::pdpt_address() as *mut u64;
+        if core::ptr::read_volatile(pdpt.add(gib)) & 1 == 1 {
+            return true;
+        }
+        for (i, slot) in (*dir).iter_mut().enumerate() {
+            core::ptr::write_volatile(slot, ((gib as u64) << 30) + ((i as u64) << 21) + 0x87);
+        }
+        core::ptr::write_volatile(pdpt.add(gib), dir as u64 + 0x7);
+    }
+    true
+}
+
+/// Where testable memory starts: past the image, the per-vCPU areas, and 2 MiB aligned.
+fn first_free(cpus: usize) -> u64 {
+    (entry::image_end() + PERCPU_SIZE * cpus as u64).next_multiple_of(2 << 20)
+}
+
+fn pattern(addr: u64, seed: u64) -> u64 {
+    (addr ^ seed).rotate_left(17) ^ 0xa5a5_5a5a_0f0f_f0f0
+}
+
+/// The ranges to test, clipped to `limit` bytes in all.
+fn ranges(info: &BootInfo, cpus: usize, mut limit: u64) -> ([Range; 16], usize) {
+    let mut out = [Range { start: 0, end: 0 }; 16];
+    let mut n = 0;
+    let floor = first_free(cpus);
+    for r in info.ram() {
+        let start = r.start.max(floor);
+        if start >= r.end || limit == 0 {
+            continue;
+        }
+        let end = r.end.min(start + limit);
+        limit -= end - start;
+        out[n] = Range { start, end };
+        n += 1;
+    }
+    (out, n)
+}
+
+/// Writes and verifies the pattern over up to `limit` bytes; prints the result.
+pub fn test(info: &BootInfo, limit: u64) -> bool {
+    let cpus = crate::smp::PRESENT.load(core::sync::atomic::Ordering::Relaxed);
+    let (list, n) = ranges(info, cpus, limit);
+    for r in &list[..n] {
+        for gib in (r.start >> 30)..r.end.div_ceil(1 << 30) {
+            if gib >= 4 && !map_gib(gib as usize) {
+                println!("mem: cannot map {:#x}: more than {} GiB", gib << 30, MAX_GIB);
+                return false;
+            }
+        }
+    }
+    let seed = io::rdtsc();
+    let t0 = io::rdtsc();
+    let mut bytes = 0;
+    for r in &list[..n] {
+        let mut a = r.start;
+        while a < r.end {
+            // SAFETY: [start, end) is usable RAM not used by this program, mapped above.
+            unsafe { core::ptr::write_volatile(a as *mut u64, pattern(a, seed)) };
+            a += 8;
+        }
+        bytes += r.end - r.start;
+    }
+    for r in &list[..n] {
+        let mut a = r.start;
+        while a < r.end {
+            // SAFETY: as above.
+            let got = unsafe { core::ptr::read_volatile(a as *const u64) };
+            if got != pattern(a, seed) {
+                println!("mem: FAILED at {:#x}: wrote {:#018x}, read {:#018x}", a, pattern(a, seed), got);
+                return false;
+            }
+            a += 8;
+        }
+    }
+    let cycles = io::rdtsc() - t0;
+    println!("mem: wrote and verified {} MiB in {} ranges ({} Mcycles): ok", bytes >> 20, n, cycles / 1_000_000);
+    true
+}

@@ -1,0 +1,108 @@
+//! The scenarios a command line can ask for, run in the order given. Each is a small function;
+//! a new one is a new match arm here plus an entry in docs/test-guest.md.
+
+use crate::bootinfo::{parse_size, BootInfo};
+use crate::{io, mem, println, smp};
+use core::sync::atomic::Ordering;
+
+/// Runs every scenario word on the command line; words that are not scenarios (console=...,
+/// anything meant for Linux) are ignored.
+pub fn run_all(info: &BootInfo) {
+    let mut failed = 0;
+    for word in info.words() {
+        let (name, arg) = match word.split_once('=') {
+            Some((n, a)) => (n, Some(a)),
+            None => (word, None),
+        };
+        let ok = match (name, arg) {
+            ("hello", None) => hello(info),
+            ("exit", Some(code)) => exit(code),
+            ("mem", limit) => match limit.map(parse_size) {
+                None => mem::test(info, u64::MAX),
+                Some(Some(l)) => mem::test(info, l),
+                Some(None) => bad(word),
+            },
+            ("smp", rounds) => match rounds.map(|r| r.parse::<u64>()) {
+                None => smp_work(10_000_000),
+                Some(Ok(r)) => smp_work(r),
+                Some(Err(_)) => bad(word),
+            },
+            ("echo", None) => echo(),
+            ("fault", None) => io::crash(),
+            ("reboot", None) => io::reset(),
+            _ => true,
+        };
+        if !ok {
+            failed += 1;
+        }
+    }
+    if failed > 0 {
+        println!("vanguard-guest: {failed} scenario(s) FAILED");
+        io::crash();
+    }
+}
+
+fn bad(word: &str) -> bool {
+    println!("vanguard-guest: cannot parse '{word}'");
+    false
+}
+
+fn hello(info: &BootInfo) -> bool {
+    println!(
+        "Vanguard test guest: {} vCPUs online of {}, {} MiB RAM",
+        smp::ONLINE.load(Ordering::Relaxed),
+        smp::PRESENT.load(Ordering::Relaxed),
+        info.ram_total() >> 20
+    );
+    println!("cmdline: {}", info.cmdline);
+    info.print_map();
+    println!("hello: ok");
+    true
+}
+
+fn exit(code: &str) -> bool {
+    let Ok(code) = code.parse::<u8>() else { return bad("exit") };
+    println!("exit: requesting exit status {code}");
+    io::debug_exit(code);
+    // Still here: the VMM has no debug-exit port.
+    println!("exit: no debug-exit device, continuing");
+    true
+}
+
+fn smp_work(rounds: u64) -> bool {
+    let (correct, online) = smp::run_on_all(rounds);
+    let present = smp::PRESENT.load(Ordering::Relaxed);
+    let ok = correct == online && online == present;
+    println!(
+        "smp: {correct} of {present} vCPUs did {rounds} rounds of work correctly: {}",
+        if ok { "ok" } else { "FAILED" }
+    );
+    ok
+}
+
+fn echo() -> bool {
+    println!("echo: ready");
+    let mut line = [0u8; 256];
+    loop {
+        let mut len = 0;
+        loop {
+            let b = io::serial_read_byte();
+            if b == b'\n' || b == b'\r' {
+                break;
+            }
+            if len < line.len() {
+                line[len] = b;
+                len += 1;
+            }
+        }
+        if len == 0 {
+            continue;
+        }
+        let text = core::str::from_utf8(&line[..len]).unwrap_or("<not utf-8>");
+        if text == "quit" {
+            println!("echo: done");
+            return true;
+        }
+        println!("echo: {text}");
+    }
+}
