@@ -52,7 +52,7 @@ fn ranges(info: &BootInfo, cpus: usize, mut limit: u64) -> ([Range; 16], usize) 
         if start >= r.end || limit == 0 {
             continue;
         }
-        let end = r.end.min(start + limit);
+        let end = r.end.min(start.saturating_add(limit));
         limit -= end - start;
         out[n] = Range { start, end };
         n += 1;

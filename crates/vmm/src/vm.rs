@@ -202,8 +202,10 @@ impl Vm {
         let bus_err = |what| move |e: devices::BusError| VmmError::Device { what, source: std::io::Error::other(e) };
         pio.insert(serial.clone(), u64::from(COM1_PORT), 8).map_err(bus_err("serial"))?;
         let i8042 = Arc::new(Mutex::new(I8042::new()));
-        pio.insert(i8042.clone(), u64::from(I8042_DATA_PORT), 1).map_err(bus_err("i8042"))?;
-        pio.insert(i8042, u64::from(I8042_COMMAND_PORT), 1).map_err(bus_err("i8042"))?;
+        // One device over 0x60..=0x64 so it sees the command port at offset 4; KVM serves
+        // port 0x61 (the PIT speaker port) in the kernel, so it never reaches this device.
+        let i8042_len = u64::from(I8042_COMMAND_PORT - I8042_DATA_PORT) + 1;
+        pio.insert(i8042, u64::from(I8042_DATA_PORT), i8042_len).map_err(bus_err("i8042"))?;
         let pm = AcpiPm::new(SLP_TYP_S5, Arc::new(LineIrq { vm: vm.clone(), gsi: SCI_IRQ }));
         pio.insert(Arc::new(Mutex::new(pm)), u64::from(PM1A_EVT_PORT), 6).map_err(bus_err("ACPI PM"))?;
         if config.debug_exit {
