@@ -151,14 +151,17 @@ impl Vm {
         }
         let vm = Arc::new(kvm.create_vm().map_err(|source| VmmError::Kvm { what: "create VM", source })?);
         let kvm_call = |what| move |source| VmmError::Kvm { what, source };
+        // Memory goes in before the irqchip and PIT exist: after that, every memslot change
+        // waits for an SRCU grace period (measured here: 4.5 ms instead of 0.09 ms), which
+        // would dominate boot time.
+        let mem = Arc::new(memory::create_guest_memory(config.memory, config.hugepages)?);
+        memory::register_memory(&vm, &mem)?;
         vm.set_identity_map_address(KVM_IDENTITY_MAP_START).map_err(kvm_call("set identity map address"))?;
         vm.set_tss_address(KVM_TSS_START as usize).map_err(kvm_call("set TSS address"))?;
         vm.create_irq_chip().map_err(kvm_call("create irqchip"))?;
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         vm.create_pit2(pit).map_err(kvm_call("create PIT"))?;
 
-        let mem = Arc::new(memory::create_guest_memory(config.memory, config.hugepages)?);
-        memory::register_memory(&vm, &mem)?;
 
         // Kernel, initrd, command line, boot structures.
         let loaded = kernel::load_kernel(&mem, &config.kernel, config.memory)?;
@@ -217,12 +220,14 @@ impl Vm {
                 let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
                 // SAFETY: clock_gettime writes only into the timespec we pass.
                 unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-                eprintln!(
-                    "vanguard: boot timer: guest reached its payload {:.3} ms after start (monotonic {}.{:09})",
+                // One write, so the line arrives whole for whoever parses it.
+                let line = format!(
+                    "vanguard: boot timer: guest reached its payload {:.3} ms after start (monotonic {}.{:09})\n",
                     elapsed.as_secs_f64() * 1e3,
                     now.tv_sec,
                     now.tv_nsec
                 );
+                let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
             });
             pio.insert(Arc::new(Mutex::new(BootTimer::new(config.start_time, report))), u64::from(BOOT_TIMER_PORT), 1)
                 .map_err(bus_err("boot timer"))?;
