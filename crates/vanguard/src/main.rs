@@ -1,5 +1,6 @@
 //! `vanguard`: the command-line entry point of the Vanguard virtualization platform.
 
+mod bench;
 mod size;
 
 use clap::{Parser, Subcommand};
@@ -9,7 +10,7 @@ use std::time::Instant;
 use vmm::{KernelImage, SerialOutput, Vm, VmConfig, VmOutcome};
 
 /// The test guest, built from guest/ by build.rs.
-static DEFAULT_GUEST: &[u8] = include_bytes!(env!("VANGUARD_GUEST_PATH"));
+pub(crate) static DEFAULT_GUEST: &[u8] = include_bytes!(env!("VANGUARD_GUEST_PATH"));
 /// What the default guest does when no command line is given: a banner, a short self-check.
 const DEFAULT_GUEST_CMDLINE: &str = "console=ttyS0 hello smp mem=8M";
 
@@ -24,6 +25,9 @@ struct Cli {
 enum Command {
     /// Run one VM in the foreground until the guest powers off.
     Run(RunArgs),
+    /// Measure boot time, memory overhead and exit cost (see docs/performance.md).
+    #[command(subcommand)]
+    Bench(bench::Bench),
 }
 
 #[derive(clap::Args)]
@@ -109,6 +113,13 @@ fn main() -> ExitCode {
             Ok(VmOutcome::DebugExit(code)) => ExitCode::from(code),
             Err(e) => {
                 report(&e);
+                ExitCode::FAILURE
+            }
+        },
+        Command::Bench(which) => match bench::run(which) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vanguard: error: {e}");
                 ExitCode::FAILURE
             }
         },

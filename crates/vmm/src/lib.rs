@@ -4,6 +4,7 @@
 //! [`Vm::run`] builds the machine from a [`VmConfig`], runs it until the guest powers off,
 //! resets, asks to exit through the debug port, or fails, and returns what happened.
 
+pub mod bench;
 mod config;
 mod error;
 mod kernel;

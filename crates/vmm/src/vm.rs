@@ -16,7 +16,6 @@ use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, Once};
 use std::time::Duration;
-use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 /// How a VM ended when the guest ended it.
@@ -35,6 +34,16 @@ pub const KVM_DEVICE_ENV: &str = "VANGUARD_KVM_DEVICE";
 
 /// A virtual machine.
 pub struct Vm;
+
+/// A VM ready for its vCPUs.
+pub(crate) struct BuiltVm {
+    pub vm: Arc<VmFd>,
+    pub mem: Arc<vm_memory::GuestMemoryMmap>,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub boot: BootState,
+    pub cpuid: kvm_bindings::CpuId,
+}
 
 struct EventFdIrq(EventFd);
 impl IrqLine for EventFdIrq {
@@ -141,6 +150,12 @@ fn spawn_stdin_reader(serial: Arc<Mutex<SerialPort>>) -> Result<(), VmmError> {
 impl Vm {
     /// Builds the VM described by `config`, runs it, and returns how the guest ended it.
     pub fn run(config: VmConfig) -> Result<VmOutcome, VmmError> {
+        let built = Self::build(&config)?;
+        Self::run_built(&config, built)
+    }
+
+    /// Creates the VM, its memory, devices and boot state, without any vCPU.
+    pub(crate) fn build(config: &VmConfig) -> Result<BuiltVm, VmmError> {
         let kvm = open_kvm()?;
         let max_cpus = kvm.get_max_vcpus().min(254);
         if config.cpus == 0 || usize::from(config.cpus) > max_cpus {
@@ -191,7 +206,6 @@ impl Vm {
             let mode = arch::boot::EntryMode::Linux64;
             BootState { regs: arch::boot::boot_regs(mode, loaded.entry, ZERO_PAGE_START), mode, cr3 }
         };
-        let _ = GuestAddress(0);
 
         // Devices.
         let serial_evt = EventFd::new(libc::EFD_NONBLOCK)
@@ -238,11 +252,17 @@ impl Vm {
             spawn_stdin_reader(serial)?;
         }
 
-        // vCPUs, each configured and run on its own thread.
-        install_kick_handler();
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_call("get supported CPUID"))?;
+        Ok(BuiltVm { vm, mem, pio, mmio, boot, cpuid })
+    }
+
+    fn run_built(config: &VmConfig, built: BuiltVm) -> Result<VmOutcome, VmmError> {
+        let BuiltVm { vm, mem, pio, mmio, boot, cpuid } = built;
+        let kvm_call = |what| move |source| VmmError::Kvm { what, source };
+        // vCPUs, each configured and run on its own thread.
+        install_kick_handler();
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
         let mut threads = Vec::with_capacity(usize::from(config.cpus));

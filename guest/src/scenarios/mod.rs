@@ -28,6 +28,11 @@ pub fn run_all(info: &BootInfo) {
                 Some(Err(_)) => bad(word),
             },
             ("echo", None) => echo(),
+            ("pio", count) => match count.map(|c| c.parse::<u64>()) {
+                None => pio(100_000),
+                Some(Ok(c)) => pio(c),
+                Some(Err(_)) => bad(word),
+            },
             ("fault", None) => io::crash(),
             ("reboot", None) => io::reset(),
             _ => true,
@@ -105,4 +110,18 @@ fn echo() -> bool {
         }
         println!("echo: {text}");
     }
+}
+
+/// A port nothing claims by default: each write still exits to the VMM and back, which is the
+/// round trip the benchmark measures.
+const PIO_BENCH_PORT: u16 = 0x442;
+
+fn pio(count: u64) -> bool {
+    let start = io::rdtsc();
+    for i in 0..count {
+        io::outb(PIO_BENCH_PORT, i as u8);
+    }
+    let cycles = io::rdtsc() - start;
+    println!("pio: {count} port writes in {cycles} cycles");
+    true
 }
