@@ -14,20 +14,26 @@ const I8042_CMD: u16 = 0x64;
 /// Writes a byte to a port.
 pub fn outb(port: u16, value: u8) {
     // SAFETY: port I/O has no memory effects; ring 3 may use every port (I/O bitmap).
-    unsafe { core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    }
 }
 
 /// Writes a 16-bit word to a port.
 pub fn outw(port: u16, value: u16) {
     // SAFETY: as outb.
-    unsafe { core::arch::asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        core::arch::asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags))
+    }
 }
 
 /// Reads a byte from a port.
 pub fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: as outb.
-    unsafe { core::arch::asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        core::arch::asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
+    }
     value
 }
 
@@ -39,7 +45,10 @@ pub struct SerialWriter(());
 impl SerialWriter {
     /// Takes the console.
     pub fn lock() -> Self {
-        while SERIAL_LOCK.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        while SERIAL_LOCK
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
             core::hint::spin_loop();
         }
         SerialWriter(())

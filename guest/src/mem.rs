@@ -90,13 +90,23 @@ pub fn test(info: &BootInfo, limit: u64) -> bool {
             // SAFETY: as above.
             let got = unsafe { core::ptr::read_volatile(a as *const u64) };
             if got != pattern(a, seed) {
-                println!("mem: FAILED at {:#x}: wrote {:#018x}, read {:#018x}", a, pattern(a, seed), got);
+                println!(
+                    "mem: FAILED at {:#x}: wrote {:#018x}, read {:#018x}",
+                    a,
+                    pattern(a, seed),
+                    got
+                );
                 return false;
             }
             a += 8;
         }
     }
     let cycles = io::rdtsc() - t0;
-    println!("mem: wrote and verified {} MiB in {} ranges ({} Mcycles): ok", bytes >> 20, n, cycles / 1_000_000);
+    println!(
+        "mem: wrote and verified {} MiB in {} ranges ({} Mcycles): ok",
+        bytes >> 20,
+        n,
+        cycles / 1_000_000
+    );
     true
 }

@@ -42,7 +42,9 @@ pub fn start_aps(info: &BootInfo) {
     }
     let code = entry::trampoline();
     // SAFETY: 0x8000 is usable low RAM that nothing else uses; the trampoline is small.
-    unsafe { core::ptr::copy_nonoverlapping(code.as_ptr(), TRAMPOLINE_BASE as *mut u8, code.len()) };
+    unsafe {
+        core::ptr::copy_nonoverlapping(code.as_ptr(), TRAMPOLINE_BASE as *mut u8, code.len())
+    };
     let vector = (TRAMPOLINE_BASE >> 12) as u32;
     lapic_write(ICR_HIGH, 0);
     lapic_write(ICR_LOW, ICR_ALL_BUT_SELF | ICR_INIT);
@@ -50,7 +52,11 @@ pub fn start_aps(info: &BootInfo) {
     let deadline = io::rdtsc() + 20_000_000_000;
     while ONLINE.load(Ordering::Acquire) < cpus.count {
         if io::rdtsc() > deadline {
-            println!("smp: only {} of {} vCPUs came online", ONLINE.load(Ordering::Relaxed), cpus.count);
+            println!(
+                "smp: only {} of {} vCPUs came online",
+                ONLINE.load(Ordering::Relaxed),
+                cpus.count
+            );
             return;
         }
         core::hint::spin_loop();
@@ -103,6 +109,7 @@ pub fn run_on_all(rounds: u64) -> (usize, usize) {
     while WORK_DONE.load(Ordering::Acquire) < online - 1 && io::rdtsc() < deadline {
         core::hint::spin_loop();
     }
-    let correct = (0..online).filter(|c| RESULTS[*c].load(Ordering::Acquire) == work(*c, rounds)).count();
+    let correct =
+        (0..online).filter(|c| RESULTS[*c].load(Ordering::Acquire) == work(*c, rounds)).count();
     (correct, online)
 }

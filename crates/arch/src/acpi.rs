@@ -88,10 +88,7 @@ const PM1_CNT_LEN: u8 = 2;
 
 // Layout constants narrowed to the width of the ACPI fields that hold them. The asserts make a
 // change to `layout.rs` that would not fit fail the build instead of producing bad tables.
-const _: () = assert!(
-    ACPI_END <= 1 << 32,
-    "32-bit table pointers must reach every table"
-);
+const _: () = assert!(ACPI_END <= 1 << 32, "32-bit table pointers must reach every table");
 #[allow(clippy::cast_possible_truncation)] // Guarded by the assert.
 const LAPIC_ADDR32: u32 = {
     assert!(LAPIC_START <= u32::MAX as u64);
@@ -195,12 +192,11 @@ pub fn create_acpi_tables(
 ) -> Result<GuestAddress, AcpiError> {
     let tables = build_tables(cfg, ACPI_START)?;
     for table in &tables.tables {
-        mem.write_slice(&table.bytes, table.addr)
-            .map_err(|source| AcpiError::GuestMemory {
-                table: table.name,
-                addr: table.addr.0,
-                source,
-            })?;
+        mem.write_slice(&table.bytes, table.addr).map_err(|source| AcpiError::GuestMemory {
+            table: table.name,
+            addr: table.addr.0,
+            source,
+        })?;
     }
     Ok(tables.rsdp_addr)
 }
@@ -217,10 +213,7 @@ pub fn build_tables(cfg: &AcpiConfig, base: u64) -> Result<AcpiTables, AcpiError
         return Err(AcpiError::InvalidBase(base));
     }
 
-    let mut placer = Placer {
-        next: base,
-        tables: Vec::new(),
-    };
+    let mut placer = Placer { next: base, tables: Vec::new() };
     // The RSDP is built last, since it points at the XSDT, but it must sit exactly at `base`:
     // reserve its slot now.
     let rsdp_addr = placer.reserve("RSDP", Rsdp::len(), TABLE_ALIGN)?;
@@ -240,10 +233,7 @@ pub fn build_tables(cfg: &AcpiConfig, base: u64) -> Result<AcpiTables, AcpiError
 
     let mut tables = placer.tables;
     tables[0].bytes = aml_bytes(&Rsdp::new(OEM_ID, xsdt_addr));
-    Ok(AcpiTables {
-        rsdp_addr: GuestAddress(rsdp_addr),
-        tables,
-    })
+    Ok(AcpiTables { rsdp_addr: GuestAddress(rsdp_addr), tables })
 }
 
 /// Hands out consecutive, aligned addresses from the base and records what goes there.
@@ -255,14 +245,8 @@ struct Placer {
 impl Placer {
     /// Places `bytes` at the next `align`-aligned address and returns that address.
     fn place(&mut self, name: &'static str, bytes: Vec<u8>, align: u64) -> Result<u64, AcpiError> {
-        let overflow = || AcpiError::TooLarge {
-            table: name,
-            end: u64::MAX,
-        };
-        let addr = self
-            .next
-            .checked_next_multiple_of(align)
-            .ok_or_else(overflow)?;
+        let overflow = || AcpiError::TooLarge { table: name, end: u64::MAX };
+        let addr = self.next.checked_next_multiple_of(align).ok_or_else(overflow)?;
         let end = u64::try_from(bytes.len())
             .ok()
             .and_then(|len| addr.checked_add(len))
@@ -271,11 +255,7 @@ impl Placer {
             return Err(AcpiError::TooLarge { table: name, end });
         }
         self.next = end;
-        self.tables.push(AcpiTable {
-            name,
-            addr: GuestAddress(addr),
-            bytes,
-        });
+        self.tables.push(AcpiTable { name, addr: GuestAddress(addr), bytes });
         Ok(addr)
     }
 
@@ -347,23 +327,13 @@ fn build_fadt(facs_addr: u64, dsdt_addr: u64) -> Result<Vec<u8>, AcpiError> {
 /// Built on the generic `Sdt` rather than the crate's `MADT`, which can neither set the
 /// PCAT_COMPAT flag nor hold structures it has no type for.
 fn build_madt(num_cpus: u8) -> Vec<u8> {
-    let mut madt = Sdt::new(
-        *b"APIC",
-        MADT_HEADER_LEN,
-        MADT_REVISION,
-        OEM_ID,
-        OEM_TABLE_ID,
-        OEM_REVISION,
-    );
+    let mut madt =
+        Sdt::new(*b"APIC", MADT_HEADER_LEN, MADT_REVISION, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     madt.write_u32(36, LAPIC_ADDR32);
     // PCAT_COMPAT: there are also 8259 PICs, which the OS must mask when it uses the APICs.
     madt.write_u32(40, MADT_PCAT_COMPAT);
     for cpu in 0..num_cpus {
-        madt.append_slice(&aml_bytes(&ProcessorLocalApic::new(
-            cpu,
-            cpu,
-            EnabledStatus::Enabled,
-        )));
+        madt.append_slice(&aml_bytes(&ProcessorLocalApic::new(cpu, cpu, EnabledStatus::Enabled)));
     }
     madt.append_slice(&aml_bytes(&IoApic::new(num_cpus, IOAPIC_ADDR32, 0)));
     madt.append_slice(&interrupt_source_override(
@@ -387,12 +357,7 @@ fn build_madt(num_cpus: u8) -> Vec<u8> {
 
 /// MADT type 2: ISA `source` IRQ is wired to global system interrupt `gsi`.
 fn interrupt_source_override(source: u8, gsi: u32, flags: u16) -> Vec<u8> {
-    let mut entry = vec![
-        MADT_TYPE_INTERRUPT_SOURCE_OVERRIDE,
-        10,
-        0, /* ISA bus */
-        source,
-    ];
+    let mut entry = vec![MADT_TYPE_INTERRUPT_SOURCE_OVERRIDE, 10, 0 /* ISA bus */, source];
     entry.extend_from_slice(&gsi.to_le_bytes());
     entry.extend_from_slice(&flags.to_le_bytes());
     entry
@@ -430,21 +395,15 @@ fn build_dsdt() -> Vec<u8> {
     let com1_hid = aml::Name::new(Path::new("_HID"), &aml::EISAName::new("PNP0501"));
     let com1_uid = aml::Name::new(Path::new("_UID"), &aml::ZERO);
     let com1_io = aml::IO::new(COM1_PORT, COM1_PORT, 1, 8);
-    let com1_irq = IrqNoFlags {
-        mask: COM1_IRQ_MASK,
-    };
-    let com1_crs = aml::Name::new(
-        Path::new("_CRS"),
-        &aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]),
-    );
+    let com1_irq = IrqNoFlags { mask: COM1_IRQ_MASK };
+    let com1_crs =
+        aml::Name::new(Path::new("_CRS"), &aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]));
     let com1 = aml::Device::new(Path::new("COM1"), vec![&com1_hid, &com1_uid, &com1_crs]);
 
     let kbd_hid = aml::Name::new(Path::new("_HID"), &aml::EISAName::new("PNP0303"));
     let kbd_data = aml::IO::new(I8042_DATA_PORT, I8042_DATA_PORT, 1, 1);
     let kbd_cmd = aml::IO::new(I8042_COMMAND_PORT, I8042_COMMAND_PORT, 1, 1);
-    let kbd_irq = IrqNoFlags {
-        mask: I8042_IRQ_MASK,
-    };
+    let kbd_irq = IrqNoFlags { mask: I8042_IRQ_MASK };
     let kbd_crs = aml::Name::new(
         Path::new("_CRS"),
         &aml::ResourceTemplate::new(vec![&kbd_data, &kbd_cmd, &kbd_irq]),
@@ -453,14 +412,8 @@ fn build_dsdt() -> Vec<u8> {
 
     let sb = aml::Scope::new(Path::new("\\_SB_"), vec![&com1, &kbd]);
 
-    let mut dsdt = Sdt::new(
-        *b"DSDT",
-        SDT_HEADER_LEN,
-        DSDT_REVISION,
-        OEM_ID,
-        OEM_TABLE_ID,
-        OEM_REVISION,
-    );
+    let mut dsdt =
+        Sdt::new(*b"DSDT", SDT_HEADER_LEN, DSDT_REVISION, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     dsdt.append_slice(&aml_bytes(&s5));
     dsdt.append_slice(&aml_bytes(&sb));
     dsdt.as_slice().to_vec()
@@ -494,9 +447,7 @@ mod tests {
     }
 
     fn table<'a>(tables: &'a AcpiTables, name: &str) -> &'a AcpiTable {
-        tables
-            .get(name)
-            .unwrap_or_else(|| panic!("no {name} table"))
+        tables.get(name).unwrap_or_else(|| panic!("no {name} table"))
     }
 
     /// (type, bytes) of each MADT interrupt controller structure, checking the lengths chain.
@@ -505,10 +456,7 @@ mod tests {
         let mut off = 44;
         while off < madt.len() {
             let len = usize::from(madt[off + 1]);
-            assert!(
-                len >= 2 && off + len <= madt.len(),
-                "bad MADT entry at {off}"
-            );
+            assert!(len >= 2 && off + len <= madt.len(), "bad MADT entry at {off}");
             entries.push((madt[off], &madt[off..off + len]));
             off += len;
         }
@@ -608,11 +556,7 @@ mod tests {
         assert_eq!(u32_at(f, 56), 0x600, "PM1a_EVT_BLK");
         assert_eq!(u32_at(f, 64), 0x604, "PM1a_CNT_BLK");
         assert_eq!(u32_at(f, 76), 0, "PM_TMR_BLK");
-        assert_eq!(
-            (f[88], f[89], f[91]),
-            (4, 2, 0),
-            "PM1_EVT/PM1_CNT/PM_TMR lengths"
-        );
+        assert_eq!((f[88], f[89], f[91]), (4, 2, 0), "PM1_EVT/PM1_CNT/PM_TMR lengths");
         assert_eq!(u16_at(f, 109), 0b110, "IAPC_BOOT_ARCH: 8042, no VGA");
         let flags = u32_at(f, 112);
         assert_eq!(flags, 1 | (1 << 2) | (1 << 5) | (1 << 10));
@@ -684,24 +628,17 @@ mod tests {
         assert!(contains(&[0x0c, 0x41, 0xd0, 0x05, 0x01]));
         assert!(contains(&[0x0c, 0x41, 0xd0, 0x03, 0x03]));
         // IO(Decode16, 0x3f8, 0x3f8, 1, 8) and IRQNoFlags() {4}.
-        assert!(contains(&[
-            0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08, 0x22, 0x10, 0x00
-        ]));
+        assert!(contains(&[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08, 0x22, 0x10, 0x00]));
         // IO 0x60, IO 0x64, IRQNoFlags() {1}.
         assert!(contains(&[0x47, 0x01, 0x60, 0, 0x60, 0, 1, 1]));
-        assert!(contains(&[
-            0x47, 0x01, 0x64, 0, 0x64, 0, 1, 1, 0x22, 0x02, 0x00
-        ]));
+        assert!(contains(&[0x47, 0x01, 0x64, 0, 0x64, 0, 1, 1, 0x22, 0x02, 0x00]));
     }
 
     #[test]
     fn rejects_bad_cpu_counts() {
         for n in [0, 255] {
             let err = build_tables(&AcpiConfig { num_cpus: n }, ACPI_START).unwrap_err();
-            assert!(
-                matches!(err, AcpiError::InvalidCpuCount(c) if c == n),
-                "{err}"
-            );
+            assert!(matches!(err, AcpiError::InvalidCpuCount(c) if c == n), "{err}");
         }
     }
 
@@ -710,16 +647,10 @@ mod tests {
         let cfg = AcpiConfig { num_cpus: 254 };
         for base in [0, ACPI_START - 16, ACPI_START + 8, ACPI_END] {
             let err = build_tables(&cfg, base).unwrap_err();
-            assert!(
-                matches!(err, AcpiError::InvalidBase(b) if b == base),
-                "{err}"
-            );
+            assert!(matches!(err, AcpiError::InvalidBase(b) if b == base), "{err}");
         }
         let err = build_tables(&cfg, ACPI_END - 0x400).unwrap_err();
-        assert!(
-            matches!(err, AcpiError::TooLarge { end, .. } if end > ACPI_END),
-            "{err}"
-        );
+        assert!(matches!(err, AcpiError::TooLarge { end, .. } if end > ACPI_END), "{err}");
         // The highest base that still fits works.
         let size = {
             let t = build_tables(&cfg, ACPI_START).unwrap();
@@ -758,14 +689,7 @@ mod tests {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 512 << 10)]).unwrap();
         let err = create_acpi_tables(&mem, &AcpiConfig { num_cpus: 1 }).unwrap_err();
         assert!(
-            matches!(
-                err,
-                AcpiError::GuestMemory {
-                    table: "RSDP",
-                    addr: ACPI_START,
-                    ..
-                }
-            ),
+            matches!(err, AcpiError::GuestMemory { table: "RSDP", addr: ACPI_START, .. }),
             "{err}"
         );
     }

@@ -21,6 +21,20 @@ const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
 const KERNEL_LOADER_OTHER: u8 = 0xff;
 const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x0100_0000;
 const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
+// These conversions are checked at compile time by the asserts next to them.
+/// The command line's address as the 32-bit field of the setup header holds it.
+#[allow(clippy::cast_possible_truncation)]
+const CMDLINE_START_32: u32 = {
+    assert!(CMDLINE_START < 1 << 32);
+    CMDLINE_START as u32
+};
+#[allow(clippy::cast_possible_truncation)]
+const BOOT_PD_COUNT_USIZE: usize = BOOT_PD_COUNT as usize;
+#[allow(clippy::cast_possible_truncation)]
+const BOOT_GDT_LIMIT: u16 = {
+    assert!(std::mem::size_of::<[u64; 5]>() <= 1 << 16);
+    (std::mem::size_of::<[u64; 5]>() - 1) as u16
+};
 /// Largest number of e820 entries the zero page holds.
 const E820_MAX_ENTRIES: usize = 128;
 
@@ -126,7 +140,7 @@ pub fn write_zero_page(
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
     params.hdr.header = KERNEL_HDR_MAGIC;
-    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+    params.hdr.cmd_line_ptr = CMDLINE_START_32;
     params.hdr.cmdline_size = u32::try_from(cmdline_size).unwrap_or(u32::MAX);
     if params.hdr.kernel_alignment == 0 {
         params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
@@ -145,7 +159,8 @@ pub fn write_zero_page(
     for (slot, entry) in params.e820_table.iter_mut().zip(&map) {
         *slot = boot_e820_entry { addr: entry.addr, size: entry.size, r#type: entry.kind };
     }
-    params.e820_entries = map.len() as u8; // at most E820_MAX_ENTRIES, checked above
+    params.e820_entries =
+        u8::try_from(map.len()).map_err(|_| BootError::TooManyE820Entries(map.len()))?;
     mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
         .map_err(|_| BootError::GuestWrite { what: "zero page", addr: ZERO_PAGE_START })
 }
@@ -195,7 +210,8 @@ pub fn write_pvh_start_info(
         version: 1,
         cmdline_paddr: CMDLINE_START,
         memmap_paddr: memmap_addr,
-        memmap_entries: map.len() as u32, // a handful of entries
+        memmap_entries: u32::try_from(map.len())
+            .map_err(|_| BootError::TooManyE820Entries(map.len()))?,
         rsdp_paddr: rsdp.map_or(0, |a| a.raw_value()),
         ..Default::default()
     };
@@ -225,7 +241,7 @@ pub fn write_identity_page_tables(mem: &GuestMemoryMmap) -> Result<u64, BootErro
     let fail = |addr| BootError::GuestWrite { what: "boot page tables", addr };
     mem.write_obj(PDPTE_START | PTE_PRESENT_RW, GuestAddress(PML4_START))
         .map_err(|_| fail(PML4_START))?;
-    let mut pd_bytes = Vec::with_capacity((BOOT_PD_COUNT * 4096) as usize);
+    let mut pd_bytes = Vec::with_capacity(BOOT_PD_COUNT_USIZE * 4096);
     for gib in 0..BOOT_PD_COUNT {
         let pd = PDE_START + gib * 4096;
         mem.write_obj(pd | PTE_PRESENT_RW, GuestAddress(PDPTE_START + gib * 8))
@@ -251,11 +267,11 @@ pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 /// The boot GDT. The Linux boot protocol requires `__BOOT_CS` = 0x10 and `__BOOT_DS` = 0x18
 /// to be flat segments; 0x08 is a flat 32-bit code segment for the PVH entry.
 pub const BOOT_GDT: [u64; 5] = [
-    0,                                  // null
-    gdt_entry(0xc09b, 0, 0xfffff),      // 0x08: 32-bit code
-    gdt_entry(0xa09b, 0, 0xfffff),      // 0x10: 64-bit code (__BOOT_CS)
-    gdt_entry(0xc093, 0, 0xfffff),      // 0x18: data (__BOOT_DS)
-    gdt_entry(0x808b, 0, 0xfffff),      // 0x20: TSS
+    0,                             // null
+    gdt_entry(0xc09b, 0, 0xfffff), // 0x08: 32-bit code
+    gdt_entry(0xa09b, 0, 0xfffff), // 0x10: 64-bit code (__BOOT_CS)
+    gdt_entry(0xc093, 0, 0xfffff), // 0x18: data (__BOOT_DS)
+    gdt_entry(0x808b, 0, 0xfffff), // 0x20: TSS
 ];
 const CODE32_SELECTOR: u16 = 0x08;
 const CODE64_SELECTOR: u16 = 0x10;
@@ -264,14 +280,15 @@ const TSS_SELECTOR: u16 = 0x20;
 
 /// Unpacks a GDT descriptor into the form KVM takes.
 pub fn segment_from_gdt(entry: u64, selector: u16) -> kvm_segment {
-    let base = (((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000)) as u32;
-    let limit_raw = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
+    // The masks keep both values within 32 bits.
+    let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
+    let limit_raw = u32::try_from((entry & 0xffff) | ((entry >> 32) & 0xf_0000)).unwrap_or(0);
     let granularity = ((entry >> 55) & 1) as u8;
     // With 4 KiB granularity the limit counts pages: the byte limit fills the low 12 bits.
     let limit = if granularity == 1 { (limit_raw << 12) | 0xfff } else { limit_raw };
     let present = ((entry >> 47) & 1) as u8;
     kvm_segment {
-        base: u64::from(base),
+        base,
         limit,
         selector,
         type_: ((entry >> 40) & 0xf) as u8,
@@ -316,7 +333,7 @@ pub enum EntryMode {
 
 /// Special registers for the boot vCPU, starting from what KVM reports.
 pub fn boot_sregs(mut sregs: kvm_sregs, mode: EntryMode, cr3: u64) -> kvm_sregs {
-    let gdt_limit = (std::mem::size_of_val(&BOOT_GDT) - 1) as u16;
+    let gdt_limit = BOOT_GDT_LIMIT;
     sregs.gdt.base = BOOT_GDT_START;
     sregs.gdt.limit = gdt_limit;
     sregs.idt.base = BOOT_IDT_START;
@@ -364,6 +381,7 @@ pub fn boot_regs(mode: EntryMode, entry: u64, boot_info: u64) -> kvm_regs {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use vm_memory::GuestMemoryBackend;
@@ -405,7 +423,9 @@ mod tests {
             for pair in map.windows(2) {
                 assert!(pair[0].addr + pair[0].size <= pair[1].addr, "overlap in {map:?}");
             }
-            assert!(map.iter().all(|e| e.addr + e.size <= MMIO_HOLE_START || e.addr >= MMIO_HOLE_END));
+            assert!(map
+                .iter()
+                .all(|e| e.addr + e.size <= MMIO_HOLE_START || e.addr >= MMIO_HOLE_END));
         }
     }
 
@@ -425,7 +445,10 @@ mod tests {
         assert_eq!({ p.acpi_rsdp_addr }, ACPI_START);
         assert_eq!(p.e820_entries, 3);
         let last = p.e820_table[2];
-        assert_eq!(({ last.addr }, { last.size }, { last.r#type }), (HIMEM_START, (64 << 20) - HIMEM_START, E820_RAM));
+        assert_eq!(
+            ({ last.addr }, { last.size }, { last.r#type }),
+            (HIMEM_START, (64 << 20) - HIMEM_START, E820_RAM)
+        );
     }
 
     #[test]
@@ -450,7 +473,10 @@ mod tests {
     #[test]
     fn gdt_segments_decode() {
         let cs = segment_from_gdt(BOOT_GDT[2], CODE64_SELECTOR);
-        assert_eq!((cs.l, cs.db, cs.dpl, cs.present, cs.s, cs.type_, cs.g), (1, 0, 0, 1, 1, 0xb, 1));
+        assert_eq!(
+            (cs.l, cs.db, cs.dpl, cs.present, cs.s, cs.type_, cs.g),
+            (1, 0, 0, 1, 1, 0xb, 1)
+        );
         assert_eq!(cs.limit, 0xffff_ffff);
         let ds = segment_from_gdt(BOOT_GDT[3], DATA_SELECTOR);
         assert_eq!((ds.l, ds.db, ds.type_, ds.base), (0, 1, 0x3, 0));

@@ -210,11 +210,7 @@ fn update_cache_params(entry: &mut kvm_cpuid_entry2, topo: &CpuTopology) {
     }
     let others = u32::from(topo.num_cpus - 1);
     let level = (entry.eax >> CACHE_LEVEL_SHIFT) & CACHE_LEVEL_MASK;
-    let sharing = if level >= SHARED_CACHE_LEVEL {
-        others.min(CACHE_SHARING_MAX)
-    } else {
-        0
-    };
+    let sharing = if level >= SHARED_CACHE_LEVEL { others.min(CACHE_SHARING_MAX) } else { 0 };
     // The field is 6 bits wide; with more cores than that Linux takes the count from leaf 0xB.
     let cores = others.min(CACHE_CORES_MAX);
     entry.eax = (entry.eax & CACHE_DESCRIPTOR_MASK)
@@ -250,11 +246,7 @@ fn update_ext_topology(entry: &mut kvm_cpuid_entry2, topo: &CpuTopology) {
         // One thread per core: no x2APIC ID bits select a thread.
         0 => (0, 1, LEVEL_TYPE_SMT),
         // All cores in one package: the package ID is whatever lies above the core bits.
-        1 => (
-            id_bits(topo.num_cpus),
-            u32::from(topo.num_cpus),
-            LEVEL_TYPE_CORE,
-        ),
+        1 => (id_bits(topo.num_cpus), u32::from(topo.num_cpus), LEVEL_TYPE_CORE),
         // No die, module or tile levels: Linux stops at the first invalid subleaf.
         _ => (0, 0, LEVEL_TYPE_INVALID),
     };
@@ -300,12 +292,7 @@ mod tests {
     fn host_entries() -> Vec<kvm_cpuid_entry2> {
         vec![
             e(0x0, 0, 0, [0x1f, 0x756e_6547, 0x6c65_746e, 0x4965_6e69]),
-            e(
-                0x1,
-                0,
-                0,
-                [0x0008_06f8, 0x2a40_0800, HOST_LEAF1_ECX, 0x1f8b_fbff],
-            ),
+            e(0x1, 0, 0, [0x0008_06f8, 0x2a40_0800, HOST_LEAF1_ECX, 0x1f8b_fbff]),
             e(0x4, 0, SIG, [0xfc00_4121, 0x02c0_003f, 0x3f, 0]),
             e(0x4, 1, SIG, [0xfc00_4122, 0x01c0_003f, 0x3f, 0]),
             e(0x4, 2, SIG, [0xfc00_4143, 0x03c0_003f, 0x7ff, 0]),
@@ -319,12 +306,7 @@ mod tests {
             e(0x1f, 0, SIG, [0x1, 0x2, 0x100, 0x2a]),
             e(0x1f, 1, SIG, [0x6, 0x20, 0x201, 0x2a]),
             e(0x1f, 2, SIG, [0x7, 0x40, 0x502, 0x2a]),
-            e(
-                KVM_CPUID_SIGNATURE,
-                0,
-                0,
-                [0x4000_0001, 0x4b4d_564b, 0x564b_4d56, 0x4d],
-            ),
+            e(KVM_CPUID_SIGNATURE, 0, 0, [0x4000_0001, 0x4b4d_564b, 0x564b_4d56, 0x4d]),
             e(KVM_CPUID_FEATURES, 0, 0, [HOST_KVM_FEATURES, 0, 0, 0]),
             e(0x8000_0000, 0, 0, [0x8000_0008, 0, 0, 0]),
             e(0x8000_0001, 0, 0, [0, 0, 0x121, 0x2c10_0800]),
@@ -337,34 +319,19 @@ mod tests {
 
     fn configured(cpu_index: u8, num_cpus: u8) -> CpuId {
         let mut cpuid = host_cpuid();
-        configure_cpuid(
-            &mut cpuid,
-            &CpuTopology {
-                cpu_index,
-                num_cpus,
-            },
-        )
-        .unwrap();
+        configure_cpuid(&mut cpuid, &CpuTopology { cpu_index, num_cpus }).unwrap();
         cpuid
     }
 
     fn find(cpuid: &CpuId, function: u32, index: u32) -> kvm_cpuid_entry2 {
-        let mut it = cpuid
-            .as_slice()
-            .iter()
-            .filter(|e| e.function == function && e.index == index);
+        let mut it = cpuid.as_slice().iter().filter(|e| e.function == function && e.index == index);
         let found = *it.next().expect("leaf present");
         assert!(it.next().is_none(), "leaf {function:#x}.{index} duplicated");
         found
     }
 
     fn all(cpuid: &CpuId, function: u32) -> Vec<kvm_cpuid_entry2> {
-        cpuid
-            .as_slice()
-            .iter()
-            .filter(|e| e.function == function)
-            .copied()
-            .collect()
+        cpuid.as_slice().iter().filter(|e| e.function == function).copied().collect()
     }
 
     const TOPOLOGIES: [(u8, u8); 4] = [(0, 1), (3, 8), (253, 254), (0, 254)];
@@ -373,23 +340,11 @@ mod tests {
     fn leaf1_apic_id_and_counts() {
         for (index, count) in TOPOLOGIES {
             let leaf = find(&configured(index, count), 0x1, 0);
-            assert_eq!(
-                leaf.ebx >> 24,
-                u32::from(index),
-                "APIC id for {index}/{count}"
-            );
-            assert_eq!(
-                (leaf.ebx >> 16) & 0xff,
-                u32::from(count),
-                "count for {index}/{count}"
-            );
+            assert_eq!(leaf.ebx >> 24, u32::from(index), "APIC id for {index}/{count}");
+            assert_eq!((leaf.ebx >> 16) & 0xff, u32::from(count), "count for {index}/{count}");
             assert_eq!((leaf.ebx >> 8) & 0xff, 8, "CLFLUSH line size");
             assert_eq!(leaf.ebx & 0xff, 0, "brand index kept");
-            assert_eq!(
-                leaf.edx & EDX_HTT != 0,
-                count > 1,
-                "HTT for {index}/{count}"
-            );
+            assert_eq!(leaf.edx & EDX_HTT != 0, count > 1, "HTT for {index}/{count}");
             // Family/model and the other EDX features are the host's.
             assert_eq!(leaf.eax, 0x0008_06f8);
             assert_eq!(leaf.edx & !EDX_HTT, 0x1f8b_fbff & !EDX_HTT);
@@ -402,23 +357,13 @@ mod tests {
         assert_ne!(leaf.ecx & ECX_HYPERVISOR, 0, "hypervisor bit");
         assert_ne!(leaf.ecx & (1 << 24), 0, "TSC-deadline kept");
         assert_eq!(leaf.ecx & ECX_PDCM, 0, "PDCM hidden with the PMU");
-        assert_eq!(
-            leaf.ecx & !(ECX_HYPERVISOR | ECX_PDCM),
-            HOST_LEAF1_ECX & !ECX_PDCM
-        );
+        assert_eq!(leaf.ecx & !(ECX_HYPERVISOR | ECX_PDCM), HOST_LEAF1_ECX & !ECX_PDCM);
 
         // TSC-deadline must not appear when KVM did not offer it.
         let mut entries = host_entries();
         entries[1].ecx &= !(1 << 24);
         let mut cpuid = CpuId::from_entries(&entries).unwrap();
-        configure_cpuid(
-            &mut cpuid,
-            &CpuTopology {
-                cpu_index: 0,
-                num_cpus: 2,
-            },
-        )
-        .unwrap();
+        configure_cpuid(&mut cpuid, &CpuTopology { cpu_index: 0, num_cpus: 2 }).unwrap();
         assert_eq!(find(&cpuid, 0x1, 0).ecx & (1 << 24), 0);
     }
 
@@ -427,11 +372,7 @@ mod tests {
         for (index, count) in TOPOLOGIES {
             let cpuid = configured(index, count);
             let cores = u32::from(count - 1).min(63);
-            for (sub, host) in host_entries()
-                .iter()
-                .filter(|e| e.function == 0x4)
-                .enumerate()
-            {
+            for (sub, host) in host_entries().iter().filter(|e| e.function == 0x4).enumerate() {
                 let leaf = find(&cpuid, 0x4, u32::try_from(sub).unwrap());
                 if host.eax == 0 {
                     assert_eq!(leaf, *host, "terminator untouched");
@@ -442,28 +383,17 @@ mod tests {
                 let level = (leaf.eax >> 5) & 0x7;
                 let expected = if level == 3 { u32::from(count - 1) } else { 0 };
                 assert_eq!(sharing, expected, "sharing for L{level} ({index}/{count})");
-                assert_eq!(
-                    leaf.eax & 0x3fff,
-                    host.eax & 0x3fff,
-                    "cache type/level kept"
-                );
-                assert_eq!(
-                    (leaf.ebx, leaf.ecx, leaf.edx),
-                    (host.ebx, host.ecx, host.edx)
-                );
+                assert_eq!(leaf.eax & 0x3fff, host.eax & 0x3fff, "cache type/level kept");
+                assert_eq!((leaf.ebx, leaf.ecx, leaf.edx), (host.ebx, host.ecx, host.edx));
             }
         }
     }
 
     #[test]
     fn extended_topology_leaves() {
-        for (index, count, shift) in [
-            (0u8, 1u8, 0u32),
-            (3, 8, 3),
-            (4, 5, 3),
-            (1, 2, 1),
-            (253, 254, 8),
-        ] {
+        for (index, count, shift) in
+            [(0u8, 1u8, 0u32), (3, 8, 3), (4, 5, 3), (1, 2, 1), (253, 254, 8)]
+        {
             let cpuid = configured(index, count);
             for function in [0xb, 0x1f] {
                 let smt = find(&cpuid, function, 0);
@@ -483,10 +413,7 @@ mod tests {
             }
             // The host's die level is turned into the terminating invalid level.
             let die = find(&cpuid, 0x1f, 2);
-            assert_eq!(
-                [die.eax, die.ebx, die.ecx, die.edx],
-                [0, 0, 2, u32::from(index)]
-            );
+            assert_eq!([die.eax, die.ebx, die.ecx, die.edx], [0, 0, 2, u32::from(index)]);
             assert_eq!(all(&cpuid, 0xb).len(), 2, "no subleaves invented");
             assert_eq!(all(&cpuid, 0x1f).len(), 3, "no subleaves invented");
         }
@@ -499,24 +426,14 @@ mod tests {
             .filter(|e| e.function != 0xb && e.function != 0x1f)
             .collect();
         let mut cpuid = CpuId::from_entries(&entries).unwrap();
-        configure_cpuid(
-            &mut cpuid,
-            &CpuTopology {
-                cpu_index: 1,
-                num_cpus: 4,
-            },
-        )
-        .unwrap();
+        configure_cpuid(&mut cpuid, &CpuTopology { cpu_index: 1, num_cpus: 4 }).unwrap();
         assert!(all(&cpuid, 0xb).is_empty());
         assert!(all(&cpuid, 0x1f).is_empty());
         assert_eq!(cpuid.as_slice().len(), entries.len());
     }
 
     fn signature_bytes(leaf: &kvm_cpuid_entry2) -> Vec<u8> {
-        [leaf.ebx, leaf.ecx, leaf.edx]
-            .iter()
-            .flat_map(|w| w.to_le_bytes())
-            .collect()
+        [leaf.ebx, leaf.ecx, leaf.edx].iter().flat_map(|w| w.to_le_bytes()).collect()
     }
 
     #[test]
@@ -526,50 +443,25 @@ mod tests {
         assert_eq!(signature_bytes(&sig), b"KVMKVMKVM\0\0\0");
         assert_eq!(sig.eax, KVM_CPUID_FEATURES);
         assert_eq!(find(&cpuid, KVM_CPUID_FEATURES, 0).eax, HOST_KVM_FEATURES);
-        assert_eq!(
-            cpuid.as_slice().len(),
-            host_entries().len(),
-            "nothing added"
-        );
+        assert_eq!(cpuid.as_slice().len(), host_entries().len(), "nothing added");
     }
 
     #[test]
     fn kvm_signature_repaired() {
         let mut entries = host_entries();
-        let sig = entries
-            .iter_mut()
-            .find(|e| e.function == KVM_CPUID_SIGNATURE)
-            .unwrap();
+        let sig = entries.iter_mut().find(|e| e.function == KVM_CPUID_SIGNATURE).unwrap();
         *sig = e(KVM_CPUID_SIGNATURE, 0, 0, [0, 0x1234, 0, 0]);
         let mut cpuid = CpuId::from_entries(&entries).unwrap();
-        configure_cpuid(
-            &mut cpuid,
-            &CpuTopology {
-                cpu_index: 0,
-                num_cpus: 1,
-            },
-        )
-        .unwrap();
+        configure_cpuid(&mut cpuid, &CpuTopology { cpu_index: 0, num_cpus: 1 }).unwrap();
         let sig = find(&cpuid, KVM_CPUID_SIGNATURE, 0);
         assert_eq!(signature_bytes(&sig), b"KVMKVMKVM\0\0\0");
         assert_eq!(sig.eax, KVM_CPUID_FEATURES);
 
         // A larger max hypervisor leaf is the host's business and is kept.
         let mut entries = host_entries();
-        entries
-            .iter_mut()
-            .find(|e| e.function == KVM_CPUID_SIGNATURE)
-            .unwrap()
-            .eax = 0x4000_0010;
+        entries.iter_mut().find(|e| e.function == KVM_CPUID_SIGNATURE).unwrap().eax = 0x4000_0010;
         let mut cpuid = CpuId::from_entries(&entries).unwrap();
-        configure_cpuid(
-            &mut cpuid,
-            &CpuTopology {
-                cpu_index: 0,
-                num_cpus: 1,
-            },
-        )
-        .unwrap();
+        configure_cpuid(&mut cpuid, &CpuTopology { cpu_index: 0, num_cpus: 1 }).unwrap();
         assert_eq!(find(&cpuid, KVM_CPUID_SIGNATURE, 0).eax, 0x4000_0010);
     }
 
@@ -582,14 +474,7 @@ mod tests {
             .filter(|e| e.function & 0xffff_0000 != 0x4000_0000)
             .collect();
         let mut cpuid = CpuId::from_entries(&entries).unwrap();
-        configure_cpuid(
-            &mut cpuid,
-            &CpuTopology {
-                cpu_index: 2,
-                num_cpus: 3,
-            },
-        )
-        .unwrap();
+        configure_cpuid(&mut cpuid, &CpuTopology { cpu_index: 2, num_cpus: 3 }).unwrap();
         assert_eq!(cpuid.as_slice().len(), entries.len() + 2);
         let sig = find(&cpuid, KVM_CPUID_SIGNATURE, 0);
         assert_eq!(signature_bytes(&sig), b"KVMKVMKVM\0\0\0");
@@ -597,19 +482,10 @@ mod tests {
         assert_eq!(find(&cpuid, KVM_CPUID_FEATURES, 0).eax, expected_features);
 
         // Only the features leaf missing: the signature leaf is kept and the features added.
-        let entries: Vec<_> = host_entries()
-            .into_iter()
-            .filter(|e| e.function != KVM_CPUID_FEATURES)
-            .collect();
+        let entries: Vec<_> =
+            host_entries().into_iter().filter(|e| e.function != KVM_CPUID_FEATURES).collect();
         let mut cpuid = CpuId::from_entries(&entries).unwrap();
-        configure_cpuid(
-            &mut cpuid,
-            &CpuTopology {
-                cpu_index: 0,
-                num_cpus: 1,
-            },
-        )
-        .unwrap();
+        configure_cpuid(&mut cpuid, &CpuTopology { cpu_index: 0, num_cpus: 1 }).unwrap();
         assert_eq!(cpuid.as_slice().len(), entries.len() + 1);
         assert_eq!(all(&cpuid, KVM_CPUID_SIGNATURE).len(), 1);
         assert_eq!(find(&cpuid, KVM_CPUID_FEATURES, 0).eax, expected_features);
@@ -649,14 +525,8 @@ mod tests {
         let cases = [(0, 0), (1, 1), (8, 8), (9, 8), (255, 254), (255, 255)];
         for (cpu_index, num_cpus) in cases {
             let mut cpuid = host_cpuid();
-            let err = configure_cpuid(
-                &mut cpuid,
-                &CpuTopology {
-                    cpu_index,
-                    num_cpus,
-                },
-            )
-            .expect_err("invalid topology accepted");
+            let err = configure_cpuid(&mut cpuid, &CpuTopology { cpu_index, num_cpus })
+                .expect_err("invalid topology accepted");
             if num_cpus == 0 {
                 assert!(matches!(err, CpuidError::NoCpus));
             } else {
@@ -666,20 +536,14 @@ mod tests {
                         if i == cpu_index && n == num_cpus
                 ));
             }
-            assert_eq!(
-                cpuid,
-                host_cpuid(),
-                "{cpu_index}/{num_cpus} edited the list"
-            );
+            assert_eq!(cpuid, host_cpuid(), "{cpu_index}/{num_cpus} edited the list");
         }
     }
 
     #[test]
     fn full_list_without_kvm_leaves_rejected_unchanged() {
-        let mut entries: Vec<_> = host_entries()
-            .into_iter()
-            .filter(|e| e.function != KVM_CPUID_FEATURES)
-            .collect();
+        let mut entries: Vec<_> =
+            host_entries().into_iter().filter(|e| e.function != KVM_CPUID_FEATURES).collect();
         // Pad with harmless extended-leaf subleaves up to KVM's limit.
         let mut pad = 0;
         while entries.len() < KVM_MAX_CPUID_ENTRIES {
@@ -688,14 +552,8 @@ mod tests {
         }
         let original = CpuId::from_entries(&entries).unwrap();
         let mut cpuid = original.clone();
-        let err = configure_cpuid(
-            &mut cpuid,
-            &CpuTopology {
-                cpu_index: 0,
-                num_cpus: 2,
-            },
-        )
-        .expect_err("no room for the features leaf");
+        let err = configure_cpuid(&mut cpuid, &CpuTopology { cpu_index: 0, num_cpus: 2 })
+            .expect_err("no room for the features leaf");
         assert!(matches!(err, CpuidError::TooManyEntries));
         assert_eq!(cpuid, original);
     }
@@ -705,10 +563,7 @@ mod tests {
         for n in 1..=u8::MAX {
             let bits = id_bits(n);
             assert!(u32::from(n) <= 1 << bits, "{n} fits in {bits} bits");
-            assert!(
-                bits == 0 || u32::from(n) > 1 << (bits - 1),
-                "{bits} is minimal for {n}"
-            );
+            assert!(bits == 0 || u32::from(n) > 1 << (bits - 1), "{bits} is minimal for {n}");
         }
     }
 }

@@ -47,11 +47,7 @@ pub enum MsrError {
 }
 
 fn entry(index: u32, data: u64) -> kvm_msr_entry {
-    kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    }
+    kvm_msr_entry { index, data, ..Default::default() }
 }
 
 /// The MSRs to set on every vCPU before its first run (Linux boot protocol expectations).
@@ -121,10 +117,7 @@ mod tests {
     #[test]
     fn fam_wrapper_matches_entries() {
         let msrs = boot_msrs().unwrap();
-        assert_eq!(
-            msrs.as_fam_struct_ref().nmsrs as usize,
-            boot_msr_entries().len()
-        );
+        assert_eq!(msrs.as_fam_struct_ref().nmsrs as usize, boot_msr_entries().len());
         assert_eq!(msrs.as_slice(), boot_msr_entries().as_slice());
     }
 }

@@ -61,7 +61,10 @@ impl Bus {
         base: u64,
         len: u64,
     ) -> Result<(), BusError> {
-        let end = base.checked_add(len).filter(|_| len > 0).ok_or(BusError::InvalidRange { base, len })?;
+        let end = base
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(BusError::InvalidRange { base, len })?;
         if self.entries.iter().any(|e| base < e.base + e.len && e.base < end) {
             return Err(BusError::Overlap { base, len });
         }
@@ -109,6 +112,7 @@ pub fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 
@@ -161,7 +165,10 @@ mod tests {
         assert_eq!(bus.insert(dev.clone(), 0x1f, 1), Err(BusError::Overlap { base: 0x1f, len: 1 }));
         assert_eq!(bus.insert(dev.clone(), 0x8, 0x9), Err(BusError::Overlap { base: 0x8, len: 9 }));
         assert!(bus.insert(dev.clone(), 0x20, 1).is_ok());
-        assert_eq!(bus.insert(dev.clone(), 0x30, 0), Err(BusError::InvalidRange { base: 0x30, len: 0 }));
+        assert_eq!(
+            bus.insert(dev.clone(), 0x30, 0),
+            Err(BusError::InvalidRange { base: 0x30, len: 0 })
+        );
         assert!(bus.insert(dev, u64::MAX, 2).is_err());
     }
 }

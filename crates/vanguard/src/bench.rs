@@ -74,7 +74,8 @@ fn boot(runs: usize) -> Result<(), String> {
         to_payload.push((mark - t0) * 1e3);
         to_exit.push((t_exit - t0) * 1e3);
     }
-    let (min, max) = to_payload.iter().fold((f64::MAX, 0f64), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+    let (min, max) =
+        to_payload.iter().fold((f64::MAX, 0f64), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
     println!("boot: process start -> guest payload (boot timer), 1 vCPU, 128 MiB, {runs} runs:");
     println!("  median {:.2} ms (min {min:.2}, max {max:.2})", median(&mut to_payload));
     println!("boot: process start -> guest powered off -> process gone:");
@@ -164,7 +165,8 @@ fn pio(count: u64, runs: usize) -> Result<(), String> {
         c.cmdline = format!("pio={count}");
         c
     };
-    let serial_file = std::env::temp_dir().join(format!("vanguard-bench-pio-{}.txt", std::process::id()));
+    let serial_file =
+        std::env::temp_dir().join(format!("vanguard-bench-pio-{}.txt", std::process::id()));
     let (mut vanguard, mut bare) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         let mut c = config();

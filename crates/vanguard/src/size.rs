@@ -7,22 +7,23 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (digits, unit) = s.split_at(split);
     if digits.is_empty() {
-        return Err(format!("invalid size '{text}': expected a number, optionally followed by K, M, G or T"));
+        return Err(format!(
+            "invalid size '{text}': expected a number, optionally followed by K, M, G or T"
+        ));
     }
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| format!("invalid size '{text}': the number is too large"))?;
+    let number: u64 =
+        digits.parse().map_err(|_| format!("invalid size '{text}': the number is too large"))?;
     let shift = match unit.to_ascii_uppercase().as_str() {
         "" | "M" | "MB" | "MIB" => 20,
         "K" | "KB" | "KIB" => 10,
         "G" | "GB" | "GIB" => 30,
         "T" | "TB" | "TIB" => 40,
         "B" => 0,
-        _ => return Err(format!("invalid size '{text}': unknown unit '{unit}' (use K, M, G or T)")),
+        _ => {
+            return Err(format!("invalid size '{text}': unknown unit '{unit}' (use K, M, G or T)"))
+        }
     };
-    number
-        .checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("invalid size '{text}': too large"))
+    number.checked_mul(1u64 << shift).ok_or_else(|| format!("invalid size '{text}': too large"))
 }
 
 #[cfg(test)]

@@ -51,7 +51,9 @@ pub enum GuestFailure {
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
     /// /dev/kvm does not exist.
-    #[error("cannot open /dev/kvm: it does not exist (load the kvm module, or run on a host with KVM)")]
+    #[error(
+        "cannot open /dev/kvm: it does not exist (load the kvm module, or run on a host with KVM)"
+    )]
     KvmMissing,
     /// /dev/kvm exists but this user may not open it.
     #[error("cannot open /dev/kvm: permission denied (add this user to the 'kvm' group or adjust the device's permissions)")]

@@ -42,9 +42,6 @@ fn detect(name: &str, header: &[u8]) -> Result<Format, VmmError> {
     Err(VmmError::KernelFormat { name: name.to_string(), detail })
 }
 
-trait Image: Read + Seek + vm_memory::ReadVolatile {}
-impl<T: Read + Seek + vm_memory::ReadVolatile> Image for T {}
-
 fn load_from<F: Read + Seek + vm_memory::ReadVolatile>(
     mem: &GuestMemoryMmap,
     name: &str,
@@ -53,10 +50,8 @@ fn load_from<F: Read + Seek + vm_memory::ReadVolatile>(
     mem_size: u64,
 ) -> Result<LoadedKernel, VmmError> {
     let mut header = vec![0u8; 0x400];
-    let n = read_up_to(image, &mut header).map_err(|source| VmmError::KernelRead {
-        path: name.into(),
-        source,
-    })?;
+    let n = read_up_to(image, &mut header)
+        .map_err(|source| VmmError::KernelRead { path: name.into(), source })?;
     header.truncate(n);
     let format = detect(name, &header)?;
     // Refuse early, with a clear message, what obviously cannot fit.
@@ -75,13 +70,13 @@ fn load_from<F: Read + Seek + vm_memory::ReadVolatile>(
     };
     let result = result.map_err(|source| match source {
         loader::Error::Elf(linux_loader::loader::elf::Error::ReadKernelImage)
-        | loader::Error::Bzimage(linux_loader::loader::bzimage::Error::ReadBzImageCompressedKernel) => {
-            VmmError::KernelTooLarge {
-                name: name.into(),
-                needed: (HIMEM_START + image_len).div_ceil(1 << 20),
-                memory: mem_size >> 20,
-            }
-        }
+        | loader::Error::Bzimage(
+            linux_loader::loader::bzimage::Error::ReadBzImageCompressedKernel,
+        ) => VmmError::KernelTooLarge {
+            name: name.into(),
+            needed: (HIMEM_START + image_len).div_ceil(1 << 20),
+            memory: mem_size >> 20,
+        },
         source => VmmError::KernelLoad { name: name.into(), source },
     })?;
     let (entry, pvh) = match format {
@@ -185,23 +180,21 @@ pub fn load_initrd(
 ) -> Result<InitrdInfo, VmmError> {
     let mut file =
         File::open(path).map_err(|source| VmmError::InitrdRead { path: path.into(), source })?;
-    let size = file
-        .metadata()
-        .map_err(|source| VmmError::InitrdRead { path: path.into(), source })?
-        .len();
+    let size =
+        file.metadata().map_err(|source| VmmError::InitrdRead { path: path.into(), source })?.len();
     let max_end = addr_max
         .filter(|m| *m != 0)
         .map_or(u64::MAX, |m| u64::from(m) + 1)
         .min(mem_size.min(MMIO_HOLE_START));
-    let too_large =
-        || VmmError::InitrdTooLarge { path: path.into(), size, limit: max_end };
+    let too_large = || VmmError::InitrdTooLarge { path: path.into(), size, limit: max_end };
     let start = max_end.checked_sub(size).ok_or_else(too_large)? & !0xfff;
     if start < kernel_end || start < HIMEM_START {
         return Err(too_large());
     }
     let len = usize::try_from(size).map_err(|_| too_large())?;
-    mem.read_exact_volatile_from(GuestAddress(start), &mut file, len)
-        .map_err(|e| VmmError::InitrdRead { path: path.into(), source: std::io::Error::other(e.to_string()) })?;
+    mem.read_exact_volatile_from(GuestAddress(start), &mut file, len).map_err(|e| {
+        VmmError::InitrdRead { path: path.into(), source: std::io::Error::other(e.to_string()) }
+    })?;
     Ok(InitrdInfo { addr: start, size })
 }
 
@@ -219,7 +212,10 @@ mod tests {
         assert!(matches!(detect("k", &bz), Ok(Format::BzImage)));
         let junk = vec![0x12u8; 0x400];
         let msg = detect("/x/vmlinux", &junk).err().unwrap().to_string();
-        assert_eq!(msg, "cannot load kernel /x/vmlinux: not an ELF or bzImage (bad magic 0x12121212)");
+        assert_eq!(
+            msg,
+            "cannot load kernel /x/vmlinux: not an ELF or bzImage (bad magic 0x12121212)"
+        );
         let msg = detect("k", b"ab").err().unwrap().to_string();
         assert!(msg.contains("only 2 bytes"), "{msg}");
     }

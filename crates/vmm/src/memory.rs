@@ -4,10 +4,8 @@
 use crate::error::VmmError;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use std::sync::Arc;
 use vm_memory::{
-    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-    MmapRegion,
+    Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
 };
 
 /// Maps guest memory. Without `hugepages`, the mapping asks for transparent huge pages:
@@ -80,15 +78,4 @@ pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError>
             .map_err(|source| VmmError::Kvm { what: "register guest memory", source })?;
     }
     Ok(())
-}
-
-/// The guest memory, shared between vCPU threads and devices.
-pub type SharedMemory = Arc<GuestMemoryMmap>;
-
-/// True if `addr..addr+len` is entirely guest RAM.
-pub fn is_ram(mem: &GuestMemoryMmap, addr: u64, len: u64) -> bool {
-    len == 0 || addr.checked_add(len - 1).is_some_and(|last| {
-        mem.find_region(GuestAddress(addr))
-            .is_some_and(|r| r.start_addr().raw_value() <= addr && last <= r.last_addr().raw_value())
-    })
 }

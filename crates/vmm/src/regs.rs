@@ -42,9 +42,15 @@ pub fn describe(mem: &GuestMemoryMmap, regs: &kvm_regs, sregs: &kvm_sregs) -> St
     let mut s = String::new();
     let r = regs;
     let _ = writeln!(s, "  rip {:016x} rsp {:016x} rflags {:08x}", r.rip, r.rsp, r.rflags);
-    let _ = writeln!(s, "  rax {:016x} rbx {:016x} rcx {:016x} rdx {:016x}", r.rax, r.rbx, r.rcx, r.rdx);
-    let _ = writeln!(s, "  rsi {:016x} rdi {:016x} rbp {:016x} r8  {:016x}", r.rsi, r.rdi, r.rbp, r.r8);
-    let _ = writeln!(s, "  r9  {:016x} r10 {:016x} r11 {:016x} r12 {:016x}", r.r9, r.r10, r.r11, r.r12);
+    let _ = writeln!(
+        s,
+        "  rax {:016x} rbx {:016x} rcx {:016x} rdx {:016x}",
+        r.rax, r.rbx, r.rcx, r.rdx
+    );
+    let _ =
+        writeln!(s, "  rsi {:016x} rdi {:016x} rbp {:016x} r8  {:016x}", r.rsi, r.rdi, r.rbp, r.r8);
+    let _ =
+        writeln!(s, "  r9  {:016x} r10 {:016x} r11 {:016x} r12 {:016x}", r.r9, r.r10, r.r11, r.r12);
     let _ = writeln!(s, "  r13 {:016x} r14 {:016x} r15 {:016x}", r.r13, r.r14, r.r15);
     let sr = sregs;
     let _ = writeln!(

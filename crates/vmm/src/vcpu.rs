@@ -5,7 +5,7 @@ use crate::error::{GuestFailure, VmmError};
 use crate::regs::describe;
 use crate::vm::VmOutcome;
 use devices::{Bus, VmAction};
-use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs, CpuId};
+use kvm_bindings::{kvm_fpu, kvm_regs, CpuId};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
@@ -47,8 +47,11 @@ pub fn configure(
     num_cpus: u8,
     boot: Option<&BootState>,
 ) -> Result<(), VmmError> {
-    arch::cpuid::configure_cpuid(&mut cpuid, &arch::cpuid::CpuTopology { cpu_index: cpu, num_cpus })
-        .map_err(VmmError::Cpuid)?;
+    arch::cpuid::configure_cpuid(
+        &mut cpuid,
+        &arch::cpuid::CpuTopology { cpu_index: cpu, num_cpus },
+    )
+    .map_err(VmmError::Cpuid)?;
     vcpu.set_cpuid2(&cpuid).map_err(kvm_err(cpu, "set CPUID"))?;
     let msrs = arch::msr::boot_msrs().map_err(|_| VmmError::MissingCapability("MSR list"))?;
     let written = vcpu.set_msrs(&msrs).map_err(kvm_err(cpu, "set MSRs"))?;
@@ -142,7 +145,9 @@ impl VcpuRunner {
                     self.vcpu.set_kvm_immediate_exit(0);
                     continue;
                 }
-                Err(source) => break VcpuReport::Failed(VmmError::VcpuKvm { cpu, what: "run", source }),
+                Err(source) => {
+                    break VcpuReport::Failed(VmmError::VcpuKvm { cpu, what: "run", source })
+                }
             };
             let failure = match exit {
                 VcpuExit::IoOut(port, data) => match self.pio.write(u64::from(port), data) {
@@ -182,11 +187,14 @@ impl VcpuRunner {
                         registers: self.registers(),
                     },
                 },
-                VcpuExit::Shutdown => GuestFailure::TripleFault { cpu, registers: self.registers() },
+                VcpuExit::Shutdown => {
+                    GuestFailure::TripleFault { cpu, registers: self.registers() }
+                }
                 VcpuExit::InternalError => {
                     // SAFETY: for KVM_EXIT_INTERNAL_ERROR the kernel filled the `internal`
                     // member of the exit union.
-                    let suberror = unsafe { self.vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    let suberror =
+                        unsafe { self.vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
                     GuestFailure::InternalError {
                         cpu,
                         suberror,

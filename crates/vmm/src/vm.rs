@@ -6,7 +6,7 @@ use crate::kernel;
 use crate::memory;
 use crate::vcpu::{self, BootState, VcpuReport, VcpuRunner};
 use arch::layout::*;
-use devices::legacy::{AcpiPm, BootTimer, DebugExit, I8042, SerialPort};
+use devices::legacy::{AcpiPm, BootTimer, DebugExit, SerialPort, I8042};
 use devices::{Bus, IrqLine};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -164,19 +164,22 @@ impl Vm {
                 max: u32::try_from(max_cpus).unwrap_or(254),
             });
         }
-        let vm = Arc::new(kvm.create_vm().map_err(|source| VmmError::Kvm { what: "create VM", source })?);
+        let vm = Arc::new(
+            kvm.create_vm().map_err(|source| VmmError::Kvm { what: "create VM", source })?,
+        );
         let kvm_call = |what| move |source| VmmError::Kvm { what, source };
         // Memory goes in before the irqchip and PIT exist: after that, every memslot change
         // waits for an SRCU grace period (measured here: 4.5 ms instead of 0.09 ms), which
         // would dominate boot time.
         let mem = Arc::new(memory::create_guest_memory(config.memory, config.hugepages)?);
         memory::register_memory(&vm, &mem)?;
-        vm.set_identity_map_address(KVM_IDENTITY_MAP_START).map_err(kvm_call("set identity map address"))?;
-        vm.set_tss_address(KVM_TSS_START as usize).map_err(kvm_call("set TSS address"))?;
+        vm.set_identity_map_address(KVM_IDENTITY_MAP_START)
+            .map_err(kvm_call("set identity map address"))?;
+        vm.set_tss_address(usize::try_from(KVM_TSS_START).unwrap_or(usize::MAX))
+            .map_err(kvm_call("set TSS address"))?;
         vm.create_irq_chip().map_err(kvm_call("create irqchip"))?;
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         vm.create_pit2(pit).map_err(kvm_call("create PIT"))?;
-
 
         // Kernel, initrd, command line, boot structures.
         let loaded = kernel::load_kernel(&mem, &config.kernel, config.memory)?;
@@ -193,8 +196,9 @@ impl Vm {
             )?),
             None => None,
         };
-        let rsdp = arch::acpi::create_acpi_tables(&mem, &arch::acpi::AcpiConfig { num_cpus: config.cpus })
-            .map_err(VmmError::Acpi)?;
+        let rsdp =
+            arch::acpi::create_acpi_tables(&mem, &arch::acpi::AcpiConfig { num_cpus: config.cpus })
+                .map_err(VmmError::Acpi)?;
         arch::boot::write_boot_gdt(&mem)?;
         let cr3 = arch::boot::write_identity_page_tables(&mem)?;
         let boot = if loaded.pvh {
@@ -202,21 +206,34 @@ impl Vm {
             let mode = arch::boot::EntryMode::Pvh;
             BootState { regs: arch::boot::boot_regs(mode, loaded.entry, info.0), mode, cr3 }
         } else {
-            arch::boot::write_zero_page(&mem, config.memory, header, cmdline_size, initrd, Some(rsdp))?;
+            arch::boot::write_zero_page(
+                &mem,
+                config.memory,
+                header,
+                cmdline_size,
+                initrd,
+                Some(rsdp),
+            )?;
             let mode = arch::boot::EntryMode::Linux64;
-            BootState { regs: arch::boot::boot_regs(mode, loaded.entry, ZERO_PAGE_START), mode, cr3 }
+            BootState {
+                regs: arch::boot::boot_regs(mode, loaded.entry, ZERO_PAGE_START),
+                mode,
+                cr3,
+            }
         };
 
         // Devices.
         let serial_evt = EventFd::new(libc::EFD_NONBLOCK)
-            .map_err(|source| VmmError::Device { what: "serial interrupt", source: source.into() })?;
+            .map_err(|source| VmmError::Device { what: "serial interrupt", source })?;
         vm.register_irqfd(&serial_evt, COM1_IRQ).map_err(kvm_call("register serial irqfd"))?;
         let serial = Arc::new(Mutex::new(SerialPort::new(
             Arc::new(EventFdIrq(serial_evt)),
             serial_writer(&config.serial)?,
         )));
         let mut pio = Bus::new();
-        let bus_err = |what| move |e: devices::BusError| VmmError::Device { what, source: std::io::Error::other(e) };
+        let bus_err = |what| {
+            move |e: devices::BusError| VmmError::Device { what, source: std::io::Error::other(e) }
+        };
         pio.insert(serial.clone(), u64::from(COM1_PORT), 8).map_err(bus_err("serial"))?;
         let i8042 = Arc::new(Mutex::new(I8042::new()));
         // One device over 0x60..=0x64 so it sees the command port at offset 4; KVM serves
@@ -224,7 +241,8 @@ impl Vm {
         let i8042_len = u64::from(I8042_COMMAND_PORT - I8042_DATA_PORT) + 1;
         pio.insert(i8042, u64::from(I8042_DATA_PORT), i8042_len).map_err(bus_err("i8042"))?;
         let pm = AcpiPm::new(SLP_TYP_S5, Arc::new(LineIrq { vm: vm.clone(), gsi: SCI_IRQ }));
-        pio.insert(Arc::new(Mutex::new(pm)), u64::from(PM1A_EVT_PORT), 6).map_err(bus_err("ACPI PM"))?;
+        pio.insert(Arc::new(Mutex::new(pm)), u64::from(PM1A_EVT_PORT), 6)
+            .map_err(bus_err("ACPI PM"))?;
         if config.debug_exit {
             pio.insert(Arc::new(Mutex::new(DebugExit)), u64::from(DEBUG_EXIT_PORT), 4)
                 .map_err(bus_err("debug exit"))?;
@@ -243,8 +261,12 @@ impl Vm {
                 );
                 let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
             });
-            pio.insert(Arc::new(Mutex::new(BootTimer::new(config.start_time, report))), u64::from(BOOT_TIMER_PORT), 1)
-                .map_err(bus_err("boot timer"))?;
+            pio.insert(
+                Arc::new(Mutex::new(BootTimer::new(config.start_time, report))),
+                u64::from(BOOT_TIMER_PORT),
+                1,
+            )
+            .map_err(bus_err("boot timer"))?;
         }
         let pio = Arc::new(pio);
         let mmio = Arc::new(Bus::new());
@@ -285,7 +307,8 @@ impl Vm {
                 .name(format!("vcpu{cpu}"))
                 .spawn(move || {
                     let boot_state = (cpu == 0).then_some(&*boot);
-                    if let Err(e) = vcpu::configure(&runner.vcpu, cpu, cpuid, num_cpus, boot_state) {
+                    if let Err(e) = vcpu::configure(&runner.vcpu, cpu, cpuid, num_cpus, boot_state)
+                    {
                         let _ = runner.report.send(VcpuReport::Failed(e));
                         return;
                     }

@@ -64,11 +64,7 @@ impl BusDevice for I8042 {
                 CMD_TEST_PORT1 => self.output = Some(0),
                 _ => {}
             },
-            0 => {
-                if self.pending_command.take() == Some(CMD_WRITE_CTR) {
-                    self.control = value;
-                }
-            }
+            0 if self.pending_command.take() == Some(CMD_WRITE_CTR) => self.control = value,
             _ => {}
         }
         VmAction::None
