@@ -43,6 +43,7 @@ pub(crate) struct BuiltVm {
     pub mmio: Arc<Bus>,
     pub boot: BootState,
     pub cpuid: kvm_bindings::CpuId,
+    pub power: Arc<Mutex<AcpiPm>>,
 }
 
 struct EventFdIrq(EventFd);
@@ -105,6 +106,32 @@ fn install_kick_handler() {
         // leaves the default action (terminate), so report it rather than hide it.
         if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler) {
             eprintln!("vanguard: cannot install the vCPU kick signal handler: {e}");
+        }
+    });
+}
+
+static SIGTERM_RECEIVED: AtomicBool = AtomicBool::new(false);
+static SIGTERM_PRESSED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn sigterm_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // The first SIGTERM asks the guest to shut down; a second one ends the VM at once.
+    if SIGTERM_PRESSED.swap(true, Ordering::AcqRel) {
+        // SAFETY: _exit is async-signal-safe and ends the process without running any code
+        // that could be in an inconsistent state.
+        unsafe { libc::_exit(128 + libc::SIGTERM) };
+    }
+    SIGTERM_RECEIVED.store(true, Ordering::Release);
+}
+
+fn install_sigterm_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if let Err(e) =
+            vmm_sys_util::signal::register_signal_handler(libc::SIGTERM, sigterm_handler)
+        {
+            eprintln!(
+                "vanguard: cannot handle SIGTERM (it will end the VM without power-off): {e}"
+            );
         }
     });
 }
@@ -241,8 +268,8 @@ impl Vm {
         let i8042_len = u64::from(I8042_COMMAND_PORT - I8042_DATA_PORT) + 1;
         pio.insert(i8042, u64::from(I8042_DATA_PORT), i8042_len).map_err(bus_err("i8042"))?;
         let pm = AcpiPm::new(SLP_TYP_S5, Arc::new(LineIrq { vm: vm.clone(), gsi: SCI_IRQ }));
-        pio.insert(Arc::new(Mutex::new(pm)), u64::from(PM1A_EVT_PORT), 6)
-            .map_err(bus_err("ACPI PM"))?;
+        let power = Arc::new(Mutex::new(pm));
+        pio.insert(power.clone(), u64::from(PM1A_EVT_PORT), 6).map_err(bus_err("ACPI PM"))?;
         if config.debug_exit {
             pio.insert(Arc::new(Mutex::new(DebugExit)), u64::from(DEBUG_EXIT_PORT), 4)
                 .map_err(bus_err("debug exit"))?;
@@ -277,11 +304,11 @@ impl Vm {
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_call("get supported CPUID"))?;
-        Ok(BuiltVm { vm, mem, pio, mmio, boot, cpuid })
+        Ok(BuiltVm { vm, mem, pio, mmio, boot, cpuid, power })
     }
 
     fn run_built(config: &VmConfig, built: BuiltVm) -> Result<VmOutcome, VmmError> {
-        let BuiltVm { vm, mem, pio, mmio, boot, cpuid } = built;
+        let BuiltVm { vm, mem, pio, mmio, boot, cpuid, power } = built;
         let kvm_call = |what| move |source| VmmError::Kvm { what, source };
         // vCPUs, each configured and run on its own thread.
         install_kick_handler();
@@ -319,8 +346,20 @@ impl Vm {
         }
         drop(tx);
 
-        // The first report decides the outcome; then every vCPU is stopped.
-        let first = rx.recv();
+        // The first report decides the outcome; then every vCPU is stopped. Meanwhile a
+        // SIGTERM presses the power button, as a host shutting down would.
+        install_sigterm_handler();
+        let first = loop {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if SIGTERM_RECEIVED.swap(false, Ordering::AcqRel) {
+                        devices::bus::lock(&power).press_power_button();
+                    }
+                }
+                Ok(report) => break Ok(report),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break Err(()),
+            }
+        };
         stop.store(true, Ordering::Release);
         for handle in &threads {
             while !handle.is_finished() {

@@ -28,6 +28,7 @@ pub fn run_all(info: &BootInfo) {
                 Some(Err(_)) => bad(word),
             },
             ("echo", None) => echo(),
+            ("powerbutton", None) => power_button(),
             ("pio", count) => match count.map(|c| c.parse::<u64>()) {
                 None => pio(100_000),
                 Some(Ok(c)) => pio(c),
@@ -123,5 +124,25 @@ fn pio(count: u64) -> bool {
     }
     let cycles = io::rdtsc() - start;
     println!("pio: {count} port writes in {cycles} cycles");
+    true
+}
+
+/// ACPI PM1a status register; bit 8 is PWRBTN_STS.
+const PM1A_STS: u16 = 0x600;
+const PWRBTN_STS: u16 = 1 << 8;
+
+/// Waits for the ACPI power button (the VMM presses it on SIGTERM), acknowledges it and
+/// returns, so the guest powers off as an OS would.
+fn power_button() -> bool {
+    println!("powerbutton: waiting");
+    loop {
+        let status = u16::from_le_bytes([io::inb(PM1A_STS), io::inb(PM1A_STS + 1)]);
+        if status & PWRBTN_STS != 0 {
+            break;
+        }
+        core::hint::spin_loop();
+    }
+    io::outw(PM1A_STS, PWRBTN_STS);
+    println!("powerbutton: pressed");
     true
 }
