@@ -49,7 +49,8 @@ pub fn start_aps(info: &BootInfo) {
     lapic_write(ICR_HIGH, 0);
     lapic_write(ICR_LOW, ICR_ALL_BUT_SELF | ICR_INIT);
     lapic_write(ICR_LOW, ICR_ALL_BUT_SELF | ICR_STARTUP | vector);
-    let deadline = io::rdtsc() + 20_000_000_000;
+    // Generous: on a loaded host with more vCPUs than cores, start-up can take seconds.
+    let deadline = io::rdtsc() + 100_000_000_000;
     while ONLINE.load(Ordering::Acquire) < cpus.count {
         if io::rdtsc() > deadline {
             println!(

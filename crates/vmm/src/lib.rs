@@ -7,6 +7,7 @@
 pub mod bench;
 mod config;
 mod error;
+mod irq;
 mod kernel;
 mod memory;
 mod regs;

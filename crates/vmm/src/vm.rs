@@ -207,6 +207,7 @@ impl Vm {
         vm.create_irq_chip().map_err(kvm_call("create irqchip"))?;
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         vm.create_pit2(pit).map_err(kvm_call("create PIT"))?;
+        crate::irq::set_legacy_routing(&vm)?;
 
         // Kernel, initrd, command line, boot structures.
         let loaded = kernel::load_kernel(&mem, &config.kernel, config.memory)?;
@@ -316,6 +317,7 @@ impl Vm {
         let (tx, rx) = mpsc::channel();
         let mut threads = Vec::with_capacity(usize::from(config.cpus));
         let boot = Arc::new(boot);
+        let configured = Arc::new(std::sync::Barrier::new(usize::from(config.cpus)));
         for cpu in 0..config.cpus {
             let vcpu = vm.create_vcpu(u64::from(cpu)).map_err(kvm_call("create vCPU"))?;
             let runner = VcpuRunner {
@@ -330,16 +332,21 @@ impl Vm {
             let cpuid = cpuid.clone();
             let num_cpus = config.cpus;
             let boot = boot.clone();
+            let configured = configured.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{cpu}"))
                 .spawn(move || {
                     let boot_state = (cpu == 0).then_some(&*boot);
-                    if let Err(e) = vcpu::configure(&runner.vcpu, cpu, cpuid, num_cpus, boot_state)
-                    {
-                        let _ = runner.report.send(VcpuReport::Failed(e));
-                        return;
+                    let result = vcpu::configure(&runner.vcpu, cpu, cpuid, num_cpus, boot_state);
+                    // No vCPU runs before all are configured: a guest's INIT/SIPI must not
+                    // reach a vCPU whose LAPIC is about to be overwritten.
+                    configured.wait();
+                    match result {
+                        Ok(()) => runner.run(),
+                        Err(e) => {
+                            let _ = runner.report.send(VcpuReport::Failed(e));
+                        }
                     }
-                    runner.run();
                 })
                 .map_err(|source| VmmError::Thread { name: format!("vcpu{cpu}"), source })?;
             threads.push(handle);
