@@ -5,6 +5,7 @@
 //! Per-vCPU area (PERCPU_SIZE bytes at `__image_end + cpu * PERCPU_SIZE`):
 //!   0x0000  TSS: RSP0, I/O bitmap base 0x68, 8 KiB bitmap of zeros (all ports allowed to
 //!           ring 3), a terminating 0xff byte
+//!   0x2100  CPUID as ring 0 saw it (see `CPUID_SAVE`)
 //!   0x3000  top of the ring-0 stack (used only for the iretq frame)
 //!   0xc000  top of the ring-3 stack
 //! GDT: 0x08 kernel code64, 0x10 kernel data, 0x18 user code32, 0x20 user data, 0x28 user
@@ -14,6 +15,11 @@
 pub const PERCPU_SIZE: u64 = 0xc000;
 /// Highest number of vCPUs the guest can run on (xAPIC IDs).
 pub const MAX_CPUS: usize = 255;
+/// Offset in the per-vCPU area of the CPUID values the ring-0 entry recorded: leaf 0x1 EBX,
+/// ECX; leaf 0xB ECX, EDX; leaf 0x40000000 EBX, ECX, EDX. Recorded in ring 0 because on PVM
+/// hosts CPUID executed in ring 3 is not intercepted and reports the host's CPU, while in
+/// ring 0 it is emulated and answers from the table the VMM set.
+pub const CPUID_SAVE: u64 = 0x2100;
 /// Where the AP start-up code is copied (a SIPI vector of 8).
 pub const TRAMPOLINE_BASE: u64 = 0x8000;
 
@@ -21,6 +27,7 @@ core::arch::global_asm!(
     r#"
     .set PERCPU_SIZE, 0xc000
     .set RING0_STACK_TOP, 0x3000
+    .set CPUID_SAVE, 0x2100
     .set RING3_STACK_TOP, 0xc000
     .set TRAMP_BASE, 0x8000
 
@@ -55,12 +62,26 @@ ap_entry64:
 cpu_setup:
     mov $1, %eax
     cpuid
+    mov %ebx, %r12d
+    mov %ecx, %r11d
     shr $24, %ebx
     mov %rbx, %r14
     mov %r14, %rax
     imul $PERCPU_SIZE, %rax
     add percpu_base(%rip), %rax
     mov %rax, %r13
+    mov %r12d, CPUID_SAVE(%r13)
+    mov %r11d, (CPUID_SAVE + 4)(%r13)
+    mov $0xb, %eax
+    xor %ecx, %ecx
+    cpuid
+    mov %ecx, (CPUID_SAVE + 8)(%r13)
+    mov %edx, (CPUID_SAVE + 12)(%r13)
+    mov $0x40000000, %eax
+    cpuid
+    mov %ebx, (CPUID_SAVE + 16)(%r13)
+    mov %ecx, (CPUID_SAVE + 20)(%r13)
+    mov %edx, (CPUID_SAVE + 24)(%r13)
     lea RING0_STACK_TOP(%r13), %rsp
     lea 2f(%rip), %rax
     pushq $0x08

@@ -8,6 +8,7 @@
 
 mod acpi;
 mod bootinfo;
+mod cpu;
 mod entry;
 mod io;
 mod mem;

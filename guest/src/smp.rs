@@ -18,6 +18,9 @@ pub static ONLINE: AtomicUsize = AtomicUsize::new(1);
 /// vCPUs the firmware (MADT) lists.
 pub static PRESENT: AtomicUsize = AtomicUsize::new(1);
 
+/// vCPUs whose CPUID identity did not match their index.
+pub static CPUID_MISMATCHES: AtomicUsize = AtomicUsize::new(0);
+
 /// A work request: the generation changes when new work is posted.
 static WORK_GENERATION: AtomicU64 = AtomicU64::new(0);
 static WORK_ROUNDS: AtomicU64 = AtomicU64::new(0);
@@ -78,6 +81,15 @@ pub fn work(cpu: usize, rounds: u64) -> u64 {
 
 /// The loop every application processor runs.
 pub fn ap_main(cpu: usize) -> ! {
+    // The VMM promises APIC ID == vCPU index in CPUID leaves 0x1 and 0xB.
+    let id = crate::cpu::identify(cpu);
+    if usize::from(id.apic_id) != cpu || id.x2apic_id.is_some_and(|x| x as usize != cpu) {
+        println!(
+            "smp: cpu {cpu} FAILED: CPUID says apic id {} / x2apic id {:?}",
+            id.apic_id, id.x2apic_id
+        );
+        CPUID_MISMATCHES.fetch_add(1, Ordering::AcqRel);
+    }
     println!("smp: cpu {cpu} online");
     ONLINE.fetch_add(1, Ordering::AcqRel);
     let mut seen = 0;

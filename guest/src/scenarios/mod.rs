@@ -61,6 +61,15 @@ fn hello(info: &BootInfo) -> bool {
         info.ram_total() >> 20
     );
     println!("cmdline: {}", info.cmdline);
+    let cpu = crate::cpu::identify(0);
+    let signature = cpu.hypervisor.map(|b| if b.is_ascii_graphic() { b } else { b'.' });
+    println!(
+        "cpuid: apic id {}, {} logical processors, hypervisor bit {}, signature {}",
+        cpu.apic_id,
+        cpu.logical_count,
+        if cpu.hypervisor_bit { "set" } else { "clear" },
+        core::str::from_utf8(&signature).unwrap_or("?")
+    );
     info.print_map();
     println!("hello: ok");
     true
@@ -78,7 +87,8 @@ fn exit(code: &str) -> bool {
 fn smp_work(rounds: u64) -> bool {
     let (correct, online) = smp::run_on_all(rounds);
     let present = smp::PRESENT.load(Ordering::Relaxed);
-    let ok = correct == online && online == present;
+    let mismatches = smp::CPUID_MISMATCHES.load(Ordering::Relaxed);
+    let ok = correct == online && online == present && mismatches == 0;
     println!(
         "smp: {correct} of {present} vCPUs did {rounds} rounds of work correctly: {}",
         if ok { "ok" } else { "FAILED" }
