@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let guest = manifest.join("../../guest").canonicalize().expect("guest/ exists next to crates/");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
@@ -20,7 +21,14 @@ fn main() {
         .args(["--target", "x86_64-unknown-linux-gnu"])
         .args(["-C", "opt-level=2", "-C", "panic=abort", "-C", "relocation-model=static"])
         .args(["-C", "debuginfo=0", "-C", "strip=symbols"])
-        .args(["-C", "link-arg=-nostartfiles", "-C", "link-arg=-nostdlib", "-C", "link-arg=-static"])
+        .args([
+            "-C",
+            "link-arg=-nostartfiles",
+            "-C",
+            "link-arg=-nostdlib",
+            "-C",
+            "link-arg=-static",
+        ])
         .args(["-C", "link-arg=-Wl,--build-id=none", "-C", "link-arg=-Wl,-n"])
         .arg("-C")
         .arg(format!("link-arg=-Wl,-T,{}", guest.join("linker.ld").display()))

@@ -284,9 +284,9 @@ fn build_fadt(facs_addr: u64, dsdt_addr: u64) -> Result<Vec<u8>, AcpiError> {
         // guest uses the fixed-feature power button in PM1.
         .flag(Flags::SlpButton)
         .flag(Flags::ResetRegSup);
-    // The crate's dsdt_64/firmware_ctrl_64 helpers zero the 32-bit fields; fill both so that
-    // OSes reading either find the same tables.
-    fadt.firmware_ctrl = addr32("FACS", facs_addr)?.into();
+    // ACPI 6 requires FIRMWARE_CTRL to be zero when X_FIRMWARE_CTRL is set (Linux otherwise
+    // installs the FACS twice). DSDT and X_DSDT may both be set; fill both for older OSes.
+    fadt.firmware_ctrl = 0.into();
     fadt.x_firmware_ctrl = facs_addr.into();
     fadt.dsdt = addr32("DSDT", dsdt_addr)?.into();
     fadt.x_dsdt = dsdt_addr.into();
@@ -547,7 +547,7 @@ mod tests {
         let dsdt = table(&tables, "DSDT").addr.0;
         assert_eq!(f.len(), 276);
         assert_eq!((f[8], f[131]), (6, 5), "FADT revision 6.5");
-        assert_eq!(u64::from(u32_at(f, 36)), facs, "FIRMWARE_CTRL");
+        assert_eq!(u32_at(f, 36), 0, "FIRMWARE_CTRL must be zero when X_FIRMWARE_CTRL is set");
         assert_eq!(u64::from(u32_at(f, 40)), dsdt, "DSDT");
         assert_eq!(u64_at(f, 132), facs, "X_FIRMWARE_CTRL");
         assert_eq!(u64_at(f, 140), dsdt, "X_DSDT");

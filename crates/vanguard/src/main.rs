@@ -98,7 +98,11 @@ fn report(err: &dyn std::error::Error) {
     let mut text = format!("vanguard: error: {err}");
     let mut source = err.source();
     while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
+        // Some libraries already print their cause in their own message; say it once.
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(&format!(": {cause_text}"));
+        }
         source = cause.source();
     }
     eprintln!("{text}");

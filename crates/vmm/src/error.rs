@@ -52,12 +52,24 @@ pub enum GuestFailure {
 pub enum VmmError {
     /// /dev/kvm does not exist.
     #[error(
-        "cannot open /dev/kvm: it does not exist (load the kvm module, or run on a host with KVM)"
+        "cannot open {path}: it does not exist (load the kvm module, or run on a host with KVM)"
     )]
-    KvmMissing,
+    KvmMissing {
+        /// The device path (/dev/kvm unless VANGUARD_KVM_DEVICE says otherwise).
+        path: String,
+    },
     /// /dev/kvm exists but this user may not open it.
-    #[error("cannot open /dev/kvm: permission denied (add this user to the 'kvm' group or adjust the device's permissions)")]
-    KvmPermission,
+    #[error("cannot open {path}: permission denied (add this user to the 'kvm' group or adjust the device's permissions)")]
+    KvmPermission {
+        /// The device path.
+        path: String,
+    },
+    /// The device opened is not KVM.
+    #[error("{path} is not a KVM device (KVM_GET_API_VERSION failed)")]
+    NotKvm {
+        /// The path.
+        path: String,
+    },
     /// Another failure opening /dev/kvm.
     #[error("cannot open /dev/kvm")]
     KvmOpen(#[source] kvm_ioctls::Error),
@@ -115,8 +127,8 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
-    /// The kernel is neither ELF nor bzImage.
-    #[error("cannot load kernel {name}: not an ELF or bzImage ({detail})")]
+    /// The kernel is neither ELF nor bzImage, or is damaged.
+    #[error("cannot load kernel {name}: {detail}")]
     KernelFormat {
         /// The kernel.
         name: String,

@@ -35,9 +35,9 @@ fn detect(name: &str, header: &[u8]) -> Result<Format, VmmError> {
     }
     let shown = header.iter().take(4).fold(String::new(), |s, b| s + &format!("{b:02x}"));
     let detail = if header.len() < 0x206 {
-        format!("file is only {} bytes", header.len())
+        format!("not an ELF or bzImage (file is only {} bytes)", header.len())
     } else {
-        format!("bad magic 0x{shown}")
+        format!("not an ELF or bzImage (bad magic 0x{shown})")
     };
     Err(VmmError::KernelFormat { name: name.to_string(), detail })
 }
@@ -54,31 +54,29 @@ fn load_from<F: Read + Seek + vm_memory::ReadVolatile>(
         .map_err(|source| VmmError::KernelRead { path: name.into(), source })?;
     header.truncate(n);
     let format = detect(name, &header)?;
-    // Refuse early, with a clear message, what obviously cannot fit.
     let low_ram = mem_size.min(MMIO_HOLE_START);
-    if HIMEM_START.saturating_add(image_len) > low_ram {
-        return Err(VmmError::KernelTooLarge {
-            name: name.into(),
-            needed: (HIMEM_START + image_len).div_ceil(1 << 20),
-            memory: mem_size >> 20,
-        });
+    match format {
+        Format::Elf => check_elf_segments(name, image, image_len, low_ram, mem_size)?,
+        Format::BzImage => {
+            check_bzimage_size(name, &header, image_len)?;
+            // The whole file past the setup sectors is copied to 1 MiB.
+            if HIMEM_START.saturating_add(image_len) > low_ram {
+                return Err(VmmError::KernelTooLarge {
+                    name: name.into(),
+                    needed: (HIMEM_START + image_len).div_ceil(1 << 20),
+                    memory: mem_size >> 20,
+                });
+            }
+        }
     }
     let highmem = Some(GuestAddress(HIMEM_START));
     let result = match format {
         Format::Elf => Elf::load(mem, None, image, highmem),
         Format::BzImage => BzImage::load(mem, None, image, highmem),
     };
-    let result = result.map_err(|source| match source {
-        loader::Error::Elf(linux_loader::loader::elf::Error::ReadKernelImage)
-        | loader::Error::Bzimage(
-            linux_loader::loader::bzimage::Error::ReadBzImageCompressedKernel,
-        ) => VmmError::KernelTooLarge {
-            name: name.into(),
-            needed: (HIMEM_START + image_len).div_ceil(1 << 20),
-            memory: mem_size >> 20,
-        },
-        source => VmmError::KernelLoad { name: name.into(), source },
-    })?;
+    // Sizes and truncation were checked above, so what the loader still rejects is reported
+    // in its own words.
+    let result = result.map_err(|source| VmmError::KernelLoad { name: name.into(), source })?;
     let (entry, pvh) = match format {
         Format::Elf => match result.pvh_boot_cap {
             loader::PvhBootCapability::PvhEntryPresent(addr) => (addr.raw_value(), true),
@@ -95,6 +93,98 @@ fn load_from<F: Read + Seek + vm_memory::ReadVolatile>(
         });
     }
     Ok(LoadedKernel { result, entry, pvh })
+}
+
+fn truncated(name: &str, detail: String) -> VmmError {
+    VmmError::KernelFormat { name: name.into(), detail }
+}
+
+/// Checks an ELF's loadable segments against the file (truncation) and guest memory (size),
+/// so that each failure gets its own message.
+fn check_elf_segments<F: Read + Seek>(
+    name: &str,
+    image: &mut F,
+    image_len: u64,
+    low_ram: u64,
+    mem_size: u64,
+) -> Result<(), VmmError> {
+    const PT_LOAD: u32 = 1;
+    let mut ehdr = [0u8; 64];
+    image.rewind().and_then(|_| image.read_exact(&mut ehdr)).map_err(|_| {
+        truncated(name, format!("ELF file is {image_len} bytes, shorter than its 64-byte header"))
+    })?;
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let u32_at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or([0; 4]));
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
+    if ehdr[4] != 2 || ehdr[5] != 1 {
+        return Err(truncated(
+            name,
+            "not a 64-bit little-endian ELF (only x86-64 kernels boot)".into(),
+        ));
+    }
+    let (phoff, phentsize, phnum) = (u64_at(&ehdr, 32), u16_at(&ehdr, 54), u16_at(&ehdr, 56));
+    if usize::from(phentsize) < 56 {
+        return Err(truncated(name, format!("ELF program header size {phentsize} is too small")));
+    }
+    let table_end = u64::from(phentsize)
+        .checked_mul(u64::from(phnum))
+        .and_then(|len| len.checked_add(phoff))
+        .filter(|end| *end <= image_len)
+        .ok_or_else(|| {
+            truncated(
+                name,
+                format!("ELF program headers lie beyond the end of the {image_len}-byte file"),
+            )
+        })?;
+    let _ = table_end;
+    let mut highest = 0u64;
+    for i in 0..u64::from(phnum) {
+        let mut ph = [0u8; 56];
+        image
+            .seek(SeekFrom::Start(phoff + i * u64::from(phentsize)))
+            .and_then(|_| image.read_exact(&mut ph))
+            .map_err(|_| truncated(name, format!("cannot read ELF program header {i}")))?;
+        if u32_at(&ph, 0) != PT_LOAD {
+            continue;
+        }
+        let (offset, paddr, filesz, memsz) =
+            (u64_at(&ph, 8), u64_at(&ph, 24), u64_at(&ph, 32), u64_at(&ph, 40));
+        let file_end = offset.saturating_add(filesz);
+        if file_end > image_len {
+            return Err(truncated(
+                name,
+                format!("truncated: segment {i} needs bytes up to {file_end} but the file has {image_len}"),
+            ));
+        }
+        highest = highest.max(paddr.saturating_add(memsz.max(filesz)));
+    }
+    if highest > low_ram {
+        return Err(VmmError::KernelTooLarge {
+            name: name.into(),
+            needed: highest.div_ceil(1 << 20),
+            memory: mem_size >> 20,
+        });
+    }
+    image.rewind().map_err(|source| VmmError::KernelRead { path: name.into(), source })
+}
+
+/// A bzImage says how long its protected-mode part is; a shorter file is truncated.
+fn check_bzimage_size(name: &str, header: &[u8], image_len: u64) -> Result<(), VmmError> {
+    let setup_sects = match header.get(0x1f1) {
+        Some(0) | None => 4,
+        Some(n) => u64::from(*n),
+    };
+    let syssize = header
+        .get(0x1f4..0x1f8)
+        .map_or(0, |b| u64::from(u32::from_le_bytes(b.try_into().unwrap_or([0; 4]))));
+    let expected = (setup_sects + 1) * 512 + syssize * 16;
+    if image_len < expected {
+        return Err(truncated(
+            name,
+            format!("truncated bzImage: its header describes {expected} bytes but the file has {image_len}"),
+        ));
+    }
+    Ok(())
 }
 
 fn elf_entry(header: &[u8]) -> u64 {

@@ -20,10 +20,13 @@ pub fn create_guest_memory(size: u64, hugepages: bool) -> Result<GuestMemoryMmap
             hint: "",
             source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
         })?;
-        let mut flags = libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE;
-        if hugepages {
-            flags |= libc::MAP_HUGETLB;
-        }
+        // Hugetlb mappings reserve their pages at mmap time (no MAP_NORESERVE), so a shortage
+        // is a clear error here rather than a SIGBUS on the first guest access.
+        let flags = if hugepages {
+            libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_HUGETLB
+        } else {
+            libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE
+        };
         let mapping = MmapRegion::build(None, len_usize, libc::PROT_READ | libc::PROT_WRITE, flags)
             .map_err(|e| VmmError::MemoryAlloc {
                 size: len,

@@ -69,14 +69,17 @@ impl IrqLine for LineIrq {
 
 fn open_kvm() -> Result<Kvm, VmmError> {
     let path = std::env::var(KVM_DEVICE_ENV).unwrap_or_else(|_| "/dev/kvm".to_string());
-    let c_path = CString::new(path.clone()).map_err(|_| VmmError::KvmMissing)?;
+    let c_path =
+        CString::new(path.clone()).map_err(|_| VmmError::KvmMissing { path: path.clone() })?;
     let kvm = Kvm::new_with_path(&c_path).map_err(|e| match e.errno() {
-        libc::ENOENT => VmmError::KvmMissing,
-        libc::EACCES | libc::EPERM => VmmError::KvmPermission,
+        libc::ENOENT => VmmError::KvmMissing { path: path.clone() },
+        libc::EACCES | libc::EPERM => VmmError::KvmPermission { path: path.clone() },
         _ => VmmError::KvmOpen(e),
     })?;
-    if kvm.get_api_version() != 12 {
-        return Err(VmmError::MissingCapability("KVM API version 12"));
+    match kvm.get_api_version() {
+        12 => {}
+        v if v < 0 => return Err(VmmError::NotKvm { path }),
+        _ => return Err(VmmError::MissingCapability("KVM API version 12")),
     }
     for (cap, name) in [
         (Cap::Irqchip, "in-kernel irqchip"),
