@@ -498,3 +498,47 @@ fn boot_timer() {
     assert!(ms > 0.0 && ms < 10_000.0, "boot took {ms} ms?\n{}", out.report());
     // Without --boot-timer, stderr stays empty (checked by default_run's clean exit).
 }
+
+// ---------------------------------------------------------------------- hugepages --
+
+/// Guest memory from hugetlbfs: reserves 2 MiB pages for a 64 MiB guest (root only; the
+/// previous reservation is restored), then runs the memory test over all of it.
+#[test]
+fn hugepages_back_guest_memory() {
+    if !common::kvm_available() {
+        return;
+    }
+    const KNOB: &str = "/proc/sys/vm/nr_hugepages";
+    let Ok(before) = std::fs::read_to_string(KNOB) else {
+        println!("skipping: cannot read {KNOB}");
+        return;
+    };
+    let before: u64 = before.trim().parse().unwrap_or(0);
+    // 64 MiB of guest memory is 32 pages of 2 MiB.
+    if std::fs::write(KNOB, (before + 32).to_string()).is_err() {
+        println!("skipping: cannot reserve huge pages through {KNOB} (needs root)");
+        return;
+    }
+    let free: u64 = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("HugePages_Free:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0);
+    let out = if free >= 32 {
+        Some(guest("console=ttyS0 hello mem", &["--hugepages", "--memory", "64M"]).run())
+    } else {
+        None
+    };
+    let _ = std::fs::write(KNOB, before.to_string());
+    let Some(out) = out else {
+        println!("skipping: the kernel reserved only {free} of 32 huge pages (fragmented memory)");
+        return;
+    };
+    out.assert_clean_exit();
+    assert_banner(&out, 1, 63);
+    assert!(mem_result(&out, 1) > 0);
+    out.assert_line(DONE);
+}
