@@ -21,6 +21,8 @@ fn main() {
         .args(["--target", "x86_64-unknown-linux-gnu"])
         .args(["-C", "opt-level=2", "-C", "panic=abort", "-C", "relocation-model=static"])
         .args(["-C", "debuginfo=0", "-C", "strip=symbols"])
+        // Cargo hides build-script output, so a warning in the guest would go unseen.
+        .args(["-D", "warnings"])
         .args([
             "-C",
             "link-arg=-nostartfiles",

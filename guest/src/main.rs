@@ -11,7 +11,6 @@ mod bootinfo;
 mod cpu;
 mod entry;
 mod io;
-mod mem;
 mod scenarios;
 mod smp;
 

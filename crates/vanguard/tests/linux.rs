@@ -124,6 +124,10 @@ fn assert_early_boot(out: &Outcome) {
         "BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable".to_string(),
         "Hypervisor detected: KVM".to_string(),
         "kvm-clock".to_string(),
+        // The initrd, placed by the VMM at the top of the 512 MiB of RAM.
+        "RAMDISK: [mem 0x".to_string(),
+        "-0x1fffffff]".to_string(),
+        "ACPI: RSDP 0x00000000000E0000".to_string(),
         "smpboot: Allowing 2 CPUs".to_string(),
     ];
     let mut last = 0;

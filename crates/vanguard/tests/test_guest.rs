@@ -332,6 +332,35 @@ fn hello_mem_full(memory: &str, mib: u64) {
     assert_eq!(out.lines().last(), Some(&DONE), "\n{}", out.report());
 }
 
+/// The smallest guest Vanguard accepts.
+#[test]
+fn memory_16m_minimum_full_test() {
+    if !common::kvm_available() {
+        return;
+    }
+    hello_mem_full("16M", 16);
+}
+
+/// A 64 GiB guest: 3 GiB below the hole, 61 GiB above 4 GiB (mapped, but touched only where
+/// the guest writes: here its first 64 MiB of free RAM).
+#[test]
+fn memory_64g_layout() {
+    if !common::kvm_available() {
+        return;
+    }
+    let out = guest("console=ttyS0 hello mem=64M", &["--memory", "64G", "--cpus", "2"]).run();
+    out.assert_clean_exit();
+    assert_banner(&out, 2, (64 << 10) - 1);
+    out.assert_lines_in_order(&[
+        "e820: usable 0x000000000000-0x00000009fbff",
+        "e820: usable 0x000000100000-0x0000bfffffff",
+        "e820: usable 0x000100000000-0x00103fffffff",
+        "hello: ok",
+    ]);
+    assert_eq!(mem_result(&out, 1), 64);
+    out.assert_line(DONE);
+}
+
 #[test]
 fn memory_32m_full_test() {
     if !common::kvm_available() {

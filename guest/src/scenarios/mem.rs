@@ -1,7 +1,7 @@
-//! The memory scenario: map all of guest RAM (above 4 GiB too), write a pattern that
+//! `mem[=SIZE]`: map all of guest RAM (above 4 GiB too), write a pattern that
 //! differs at every address, and read it back.
 
-use crate::bootinfo::{BootInfo, Range};
+use crate::bootinfo::{parse_size, BootInfo, Range};
 use crate::entry::{self, PERCPU_SIZE};
 use crate::{io, println};
 
@@ -60,8 +60,17 @@ fn ranges(info: &BootInfo, cpus: usize, mut limit: u64) -> ([Range; 16], usize) 
     (out, n)
 }
 
+/// Runs the scenario.
+pub fn run(info: &BootInfo, arg: Option<&str>) -> bool {
+    match arg.map(parse_size) {
+        None => test(info, u64::MAX),
+        Some(Some(limit)) => test(info, limit),
+        Some(None) => super::bad("mem", arg),
+    }
+}
+
 /// Writes and verifies the pattern over up to `limit` bytes; prints the result.
-pub fn test(info: &BootInfo, limit: u64) -> bool {
+fn test(info: &BootInfo, limit: u64) -> bool {
     let cpus = crate::smp::PRESENT.load(core::sync::atomic::Ordering::Relaxed);
     let (list, n) = ranges(info, cpus, limit);
     for r in &list[..n] {
