@@ -90,6 +90,13 @@ fn run(args: RunArgs, start: Instant) -> Result<VmOutcome, vmm::VmmError> {
     config.debug_exit = args.debug_exit;
     config.boot_timer = args.boot_timer;
     config.start_time = start;
+    // Raw mode only for a console on a terminal; restored when `_raw` drops.
+    let _raw = if config.serial == SerialOutput::Stdio {
+        vmm::console::RawTerminal::enable()
+    } else {
+        None
+    };
+    config.interactive_console = _raw.is_some();
     Vm::run(config)
 }
 
@@ -115,6 +122,10 @@ fn main() -> ExitCode {
         Command::Run(args) => match run(args, start) {
             Ok(VmOutcome::PowerOff) | Ok(VmOutcome::Reset) => ExitCode::SUCCESS,
             Ok(VmOutcome::DebugExit(code)) => ExitCode::from(code),
+            Ok(VmOutcome::ConsoleQuit) => {
+                eprintln!("\r\nvanguard: VM stopped from the console (Ctrl-A x)");
+                ExitCode::SUCCESS
+            }
             Err(e) => {
                 report(&e);
                 ExitCode::FAILURE

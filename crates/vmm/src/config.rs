@@ -60,6 +60,8 @@ pub struct VmConfig {
     pub boot_timer: bool,
     /// When the process started, for the boot timer.
     pub start_time: Instant,
+    /// Stdin is a terminal in raw mode: watch for the Ctrl-A x escape.
+    pub interactive_console: bool,
 }
 
 impl VmConfig {
@@ -76,6 +78,7 @@ impl VmConfig {
             debug_exit: false,
             boot_timer: false,
             start_time: Instant::now(),
+            interactive_console: false,
         }
     }
 }

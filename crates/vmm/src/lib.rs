@@ -6,6 +6,7 @@
 
 pub mod bench;
 mod config;
+pub mod console;
 mod error;
 mod irq;
 mod kernel;

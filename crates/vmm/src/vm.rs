@@ -11,7 +11,6 @@ use devices::{Bus, IrqLine};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use std::ffi::CString;
-use std::io::Read;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, Once};
@@ -27,6 +26,8 @@ pub enum VmOutcome {
     Reset,
     /// The guest wrote this status to the debug-exit port.
     DebugExit(u8),
+    /// The user stopped the VM from the console (Ctrl-A x).
+    ConsoleQuit,
 }
 
 /// The environment variable that points Vanguard at another KVM device node (for tests).
@@ -119,6 +120,7 @@ static SIGTERM_PRESSED: AtomicBool = AtomicBool::new(false);
 extern "C" fn sigterm_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     // The first SIGTERM asks the guest to shut down; a second one ends the VM at once.
     if SIGTERM_PRESSED.swap(true, Ordering::AcqRel) {
+        crate::console::restore_terminal();
         // SAFETY: _exit is async-signal-safe and ends the process without running any code
         // that could be in an inconsistent state.
         unsafe { libc::_exit(128 + libc::SIGTERM) };
@@ -148,33 +150,6 @@ fn serial_writer(out: &SerialOutput) -> Result<Box<dyn std::io::Write + Send>, V
         ),
         SerialOutput::None => Box::new(std::io::sink()),
     })
-}
-
-/// Feeds this process's stdin to the guest's serial port, holding back input the receive
-/// FIFO has no room for rather than dropping it.
-fn spawn_stdin_reader(serial: Arc<Mutex<SerialPort>>) -> Result<(), VmmError> {
-    std::thread::Builder::new()
-        .name("serial-in".into())
-        .spawn(move || {
-            let mut stdin = std::io::stdin();
-            let mut buf = [0u8; 64];
-            loop {
-                let n = match stdin.read(&mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                let mut pending = &buf[..n];
-                while !pending.is_empty() {
-                    let taken = devices::bus::lock(&serial).enqueue_input(pending);
-                    pending = &pending[taken..];
-                    if !pending.is_empty() {
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                }
-            }
-        })
-        .map(|_| ())
-        .map_err(|source| VmmError::Thread { name: "serial-in".into(), source })
 }
 
 impl Vm {
@@ -302,7 +277,8 @@ impl Vm {
         let pio = Arc::new(pio);
         let mmio = Arc::new(Bus::new());
         if config.serial == SerialOutput::Stdio {
-            spawn_stdin_reader(serial)?;
+            crate::console::spawn_stdin_reader(serial, config.interactive_console)
+                .map_err(|source| VmmError::Thread { name: "serial-in".into(), source })?;
         }
 
         let cpuid = kvm
@@ -364,6 +340,9 @@ impl Vm {
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if SIGTERM_RECEIVED.swap(false, Ordering::AcqRel) {
                         devices::bus::lock(&power).press_power_button();
+                    }
+                    if crate::console::QUIT_REQUESTED.load(Ordering::Acquire) {
+                        break Ok(VcpuReport::Outcome(VmOutcome::ConsoleQuit));
                     }
                 }
                 Ok(report) => break Ok(report),
