@@ -1,0 +1,79 @@
+//! Virtio devices and their transports.
+//!
+//! Every device implements [`VirtioDevice`]: what it offers (type, features, queues, config
+//! space) and what it does when the driver makes buffers available. Transports (today
+//! [`mmio::MmioTransport`], virtio-mmio version 2) hold the driver-visible state — status,
+//! negotiated features, queue addresses — and validate everything the driver writes before a
+//! device sees it. Guest memory and the driver are hostile: a malformed request fails that
+//! request or marks the device NEEDS_RESET; it never panics the VMM.
+
+pub mod mmio;
+pub mod rng;
+
+use std::sync::Arc;
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+/// Feature bit every modern (virtio 1.x) device offers and every driver must accept.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Device status bits (virtio 1.2, 2.1).
+pub mod status {
+    /// The guest noticed the device.
+    pub const ACKNOWLEDGE: u32 = 1;
+    /// The guest has a driver for it.
+    pub const DRIVER: u32 = 2;
+    /// The driver is ready.
+    pub const DRIVER_OK: u32 = 4;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u32 = 8;
+    /// The device hit an error it cannot recover from without a reset.
+    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+    /// The driver gave up on the device.
+    pub const FAILED: u32 = 0x80;
+}
+
+/// What a device did with the buffers a notification announced.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The driver broke the queue protocol (bad ring index, memory outside the guest).
+    #[error("queue {queue}: {reason}")]
+    Queue {
+        /// Which queue.
+        queue: u16,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// A virtio device model, independent of the transport that exposes it.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (4 for entropy, 2 for block, ...).
+    fn device_type(&self) -> u32;
+    /// The largest size of each queue; the number of entries is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features offered to the driver (must include [`VIRTIO_F_VERSION_1`]).
+    fn features(&self) -> u64;
+    /// Reads the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let _ = offset;
+        data.fill(0);
+    }
+    /// Writes the device-specific configuration space.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let _ = (offset, data);
+    }
+    /// Serves the buffers available on `queue`; returns whether any were used (so the
+    /// transport interrupts the driver).
+    fn process_queue(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        index: u16,
+        queue: &mut Queue,
+    ) -> Result<bool, DeviceError>;
+    /// Forgets any per-driver state (the transport resets the queues).
+    fn reset(&mut self) {}
+}
+
+/// A shared, lockable device.
+pub type SharedDevice = Arc<std::sync::Mutex<dyn VirtioDevice>>;
