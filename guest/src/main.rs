@@ -13,6 +13,7 @@ mod entry;
 mod io;
 mod scenarios;
 mod smp;
+mod virtio;
 
 use core::fmt::Write;
 

@@ -113,10 +113,31 @@ const COM1_IRQ_MASK: u16 = {
 const I8042_IRQ_MASK: u16 = 1 << I8042_KBD_IRQ;
 
 /// What the ACPI tables describe about the guest.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AcpiConfig {
     /// Number of vCPUs, `1..=MAX_CPUS`; vCPU `i` has APIC ID and ACPI processor UID `i`.
     pub num_cpus: u8,
+    /// virtio-mmio devices, described in the DSDT (`_HID` "LNRO0005") so that kernels without
+    /// command-line device discovery (Debian's) find them.
+    pub virtio_mmio: Vec<VirtioMmioInfo>,
+}
+
+impl AcpiConfig {
+    /// A machine with `num_cpus` vCPUs and no virtio-mmio devices.
+    pub fn new(num_cpus: u8) -> Self {
+        Self { num_cpus, virtio_mmio: Vec::new() }
+    }
+}
+
+/// Where one virtio-mmio device is: its register window and its (edge-triggered) GSI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioMmioInfo {
+    /// Guest-physical base of the register window (below 4 GiB).
+    pub base: u32,
+    /// Length of the window.
+    pub len: u32,
+    /// The IOAPIC interrupt line.
+    pub gsi: u32,
 }
 
 /// Errors while building or writing the ACPI tables.
@@ -222,7 +243,7 @@ pub fn build_tables(cfg: &AcpiConfig, base: u64) -> Result<AcpiTables, AcpiError
     // that goes with a 6.5 FADT.
     facs.version = 2;
     let facs_addr = placer.place("FACS", aml_bytes(&facs), FACS_ALIGN)?;
-    let dsdt_addr = placer.place("DSDT", build_dsdt(), TABLE_ALIGN)?;
+    let dsdt_addr = placer.place("DSDT", build_dsdt(&cfg.virtio_mmio), TABLE_ALIGN)?;
     let madt_addr = placer.place("APIC", build_madt(cfg.num_cpus), TABLE_ALIGN)?;
     let fadt_addr = placer.place("FACP", build_fadt(facs_addr, dsdt_addr)?, TABLE_ALIGN)?;
 
@@ -385,7 +406,18 @@ impl Aml for IrqNoFlags {
     }
 }
 
-fn build_dsdt() -> Vec<u8> {
+/// Already-encoded AML, spliced into a scope.
+struct RawAml<'a>(&'a [u8]);
+
+impl Aml for RawAml<'_> {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        for b in self.0 {
+            sink.byte(*b);
+        }
+    }
+}
+
+fn build_dsdt(virtio_mmio: &[VirtioMmioInfo]) -> Vec<u8> {
     // SLP_TYPa and SLP_TYPb for S5, then two reserved elements.
     let s5 = aml::Name::new(
         Path::new("\\_S5_"),
@@ -410,7 +442,29 @@ fn build_dsdt() -> Vec<u8> {
     );
     let kbd = aml::Device::new(Path::new("PS2K"), vec![&kbd_hid, &kbd_crs]);
 
-    let sb = aml::Scope::new(Path::new("\\_SB_"), vec![&com1, &kbd]);
+    // One device per virtio-mmio window, named VR00, VR01, ...
+    let mut virtio_parts = Vec::with_capacity(virtio_mmio.len());
+    for (i, dev) in virtio_mmio.iter().enumerate() {
+        let name = format!("VR{:02X}", i & 0xff);
+        let hid = aml::Name::new(Path::new("_HID"), &"LNRO0005");
+        let uid_value = u32::try_from(i).unwrap_or(u32::MAX);
+        virtio_parts.push((name, hid, uid_value, *dev));
+    }
+    let virtio_devices: Vec<Vec<u8>> = virtio_parts
+        .iter()
+        .map(|(name, hid, uid_value, dev)| {
+            let uid = aml::Name::new(Path::new("_UID"), uid_value);
+            let window = aml::Memory32Fixed::new(true, dev.base, dev.len);
+            let irq = aml::Interrupt::new(true, true, false, false, dev.gsi);
+            let crs =
+                aml::Name::new(Path::new("_CRS"), &aml::ResourceTemplate::new(vec![&window, &irq]));
+            aml_bytes(&aml::Device::new(Path::new(name), vec![hid, &uid, &crs]))
+        })
+        .collect();
+    let raw_devices: Vec<RawAml> = virtio_devices.iter().map(|b| RawAml(b)).collect();
+    let mut sb_children: Vec<&dyn Aml> = vec![&com1, &kbd];
+    sb_children.extend(raw_devices.iter().map(|d| d as &dyn Aml));
+    let sb = aml::Scope::new(Path::new("\\_SB_"), sb_children);
 
     let mut dsdt =
         Sdt::new(*b"DSDT", SDT_HEADER_LEN, DSDT_REVISION, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
@@ -427,7 +481,7 @@ mod tests {
     const CPU_COUNTS: [u8; 4] = [1, 2, 8, 254];
 
     fn build(num_cpus: u8) -> AcpiTables {
-        build_tables(&AcpiConfig { num_cpus }, ACPI_START).unwrap()
+        build_tables(&AcpiConfig::new(num_cpus), ACPI_START).unwrap()
     }
 
     fn sum(bytes: &[u8]) -> u8 {
@@ -637,14 +691,14 @@ mod tests {
     #[test]
     fn rejects_bad_cpu_counts() {
         for n in [0, 255] {
-            let err = build_tables(&AcpiConfig { num_cpus: n }, ACPI_START).unwrap_err();
+            let err = build_tables(&AcpiConfig::new(n), ACPI_START).unwrap_err();
             assert!(matches!(err, AcpiError::InvalidCpuCount(c) if c == n), "{err}");
         }
     }
 
     #[test]
     fn rejects_bad_bases_and_tables_past_the_region() {
-        let cfg = AcpiConfig { num_cpus: 254 };
+        let cfg = AcpiConfig::new(254);
         for base in [0, ACPI_START - 16, ACPI_START + 8, ACPI_END] {
             let err = build_tables(&cfg, base).unwrap_err();
             assert!(matches!(err, AcpiError::InvalidBase(b) if b == base), "{err}");
@@ -665,7 +719,7 @@ mod tests {
     #[test]
     fn writes_tables_into_guest_memory() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
-        let cfg = AcpiConfig { num_cpus: 8 };
+        let cfg = AcpiConfig::new(8);
         let rsdp = create_acpi_tables(&mem, &cfg).unwrap();
         assert_eq!(rsdp, GuestAddress(ACPI_START));
 
@@ -687,7 +741,7 @@ mod tests {
     #[test]
     fn reports_guest_memory_that_does_not_cover_the_tables() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 512 << 10)]).unwrap();
-        let err = create_acpi_tables(&mem, &AcpiConfig { num_cpus: 1 }).unwrap_err();
+        let err = create_acpi_tables(&mem, &AcpiConfig::new(1)).unwrap_err();
         assert!(
             matches!(err, AcpiError::GuestMemory { table: "RSDP", addr: ACPI_START, .. }),
             "{err}"

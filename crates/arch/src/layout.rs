@@ -70,5 +70,15 @@ pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 /// Opt-in boot-timer port: the guest writes here when it reaches its payload.
 pub const BOOT_TIMER_PORT: u16 = 0x440;
 
+/// First virtio-mmio register window (inside the 32-bit MMIO hole).
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+/// Distance between consecutive virtio-mmio windows.
+pub const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
+/// GSI of the first virtio-mmio device; device `n` uses `VIRTIO_MMIO_GSI_BASE + n` (IOAPIC-only
+/// lines 16..=23, so at most 8 devices).
+pub const VIRTIO_MMIO_GSI_BASE: u32 = 16;
+/// Most virtio-mmio devices (one per free IOAPIC line).
+pub const VIRTIO_MMIO_MAX_DEVICES: usize = 8;
+
 /// Smallest guest memory size accepted.
 pub const MIN_MEMORY: u64 = 16 << 20;

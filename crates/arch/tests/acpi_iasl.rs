@@ -141,7 +141,7 @@ fn iasl_disassembles_every_table() {
     for n in CPU_COUNTS {
         let dir = ScratchDir::new(&format!("cpus{n}"));
         let dir = dir.0.as_path();
-        let tables = build_tables(&AcpiConfig { num_cpus: n }, ACPI_START).unwrap();
+        let tables = build_tables(&AcpiConfig::new(n), ACPI_START).unwrap();
         let addr = |name| table(&tables, name).addr.0;
 
         let facp = disassemble(dir, table(&tables, "FACP"));
@@ -274,7 +274,7 @@ fn iasl_computes_the_same_rsdp() {
         return;
     }
     let dir = ScratchDir::new("rsdp");
-    let tables = build_tables(&AcpiConfig { num_cpus: 2 }, ACPI_START).unwrap();
+    let tables = build_tables(&AcpiConfig::new(2), ACPI_START).unwrap();
     let rsdp = &table(&tables, "RSDP").bytes;
     let le = |range: std::ops::Range<usize>| {
         rsdp[range].iter().rev().map(|b| format!("{b:02X}")).collect::<String>()
@@ -301,4 +301,35 @@ fn iasl_computes_the_same_rsdp() {
     std::fs::write(dir.0.join("RSDP.dsl"), source).unwrap();
     assert_eq!(&compile(&dir.0, "RSDP"), rsdp);
     assert_eq!(u64::from_le_bytes(rsdp[24..32].try_into().unwrap()), table(&tables, "XSDT").addr.0);
+}
+
+/// virtio-mmio devices in the DSDT: the `_HID` Linux's virtio_mmio driver matches, the register
+/// window, and the edge-triggered interrupt, as iasl reads them back.
+#[test]
+fn iasl_reads_virtio_mmio_devices() {
+    if !have_iasl() {
+        return;
+    }
+    let dir = ScratchDir::new("virtio");
+    let mut cfg = AcpiConfig::new(1);
+    cfg.virtio_mmio = vec![
+        arch::acpi::VirtioMmioInfo { base: 0xd000_0000, len: 0x200, gsi: 16 },
+        arch::acpi::VirtioMmioInfo { base: 0xd000_1000, len: 0x200, gsi: 17 },
+    ];
+    let tables = build_tables(&cfg, ACPI_START).unwrap();
+    let dsl = disassemble(&dir.0, table(&tables, "DSDT"));
+    assert_mentions(
+        "DSDT",
+        &dsl,
+        &[
+            "Device (VR00)",
+            "Device (VR01)",
+            "Name (_HID, \"LNRO0005\")",
+            "Memory32Fixed (ReadWrite, 0xD0000000, // Address Base 0x00000200, // Address Length )",
+            "Memory32Fixed (ReadWrite, 0xD0001000,",
+            "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, ) { 0x00000010, }",
+            "{ 0x00000011, }",
+        ],
+    );
+    compile(&dir.0, "DSDT");
 }

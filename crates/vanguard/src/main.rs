@@ -59,6 +59,9 @@ struct RunArgs {
     /// Attach the boot-timer port (0x440) and report when the guest writes to it.
     #[arg(long)]
     boot_timer: bool,
+    /// Attach a virtio-rng entropy device (virtio-mmio, fed by the host's getrandom).
+    #[arg(long)]
+    rng: bool,
 }
 
 fn parse_serial(s: &str) -> Result<SerialOutput, String> {
@@ -89,6 +92,7 @@ fn run(args: RunArgs, start: Instant) -> Result<VmOutcome, vmm::VmmError> {
     config.hugepages = args.hugepages;
     config.debug_exit = args.debug_exit;
     config.boot_timer = args.boot_timer;
+    config.rng = args.rng;
     config.start_time = start;
     // Raw mode only for a console on a terminal; restored when `_raw` drops.
     let _raw = if config.serial == SerialOutput::Stdio {

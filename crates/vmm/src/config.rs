@@ -62,6 +62,8 @@ pub struct VmConfig {
     pub start_time: Instant,
     /// Stdin is a terminal in raw mode: watch for the Ctrl-A x escape.
     pub interactive_console: bool,
+    /// Attach a virtio-rng device (virtio-mmio).
+    pub rng: bool,
 }
 
 impl VmConfig {
@@ -79,6 +81,7 @@ impl VmConfig {
             boot_timer: false,
             start_time: Instant::now(),
             interactive_console: false,
+            rng: false,
         }
     }
 }

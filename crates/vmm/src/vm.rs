@@ -190,8 +190,30 @@ impl Vm {
         // Kernel, initrd, command line, boot structures.
         let loaded = kernel::load_kernel(&mem, &config.kernel, config.memory)?;
         let header = loaded.result.setup_header;
+        // virtio-mmio devices: window n at VIRTIO_MMIO_START + n * stride, GSI 16 + n;
+        // described in ACPI and, for kernels that read it, on the command line.
+        let mut virtio: Vec<Box<dyn virtio_devices::VirtioDevice>> = Vec::new();
+        if config.rng {
+            virtio.push(Box::new(virtio_devices::rng::Rng::default()));
+        }
+        let mut virtio_info = Vec::new();
+        let mut cmdline = config.cmdline.clone();
+        for n in 0..virtio.len().min(VIRTIO_MMIO_MAX_DEVICES) {
+            let base = VIRTIO_MMIO_START + VIRTIO_MMIO_STRIDE * n as u64;
+            let gsi = VIRTIO_MMIO_GSI_BASE + u32::try_from(n).unwrap_or(0);
+            let window = virtio_devices::mmio::MMIO_WINDOW;
+            virtio_info.push(arch::acpi::VirtioMmioInfo {
+                base: u32::try_from(base).unwrap_or(0),
+                len: u32::try_from(window).unwrap_or(0),
+                gsi,
+            });
+            cmdline.push_str(&format!(
+                " virtio_mmio.device={}K@{base:#x}:{gsi}",
+                VIRTIO_MMIO_STRIDE >> 10
+            ));
+        }
         let cmdline_size =
-            kernel::load_cmdline(&mem, &config.cmdline, header.map(|h| h.cmdline_size))?;
+            kernel::load_cmdline(&mem, cmdline.trim_start(), header.map(|h| h.cmdline_size))?;
         let initrd = match &config.initrd {
             Some(path) => Some(kernel::load_initrd(
                 &mem,
@@ -202,9 +224,12 @@ impl Vm {
             )?),
             None => None,
         };
-        let rsdp =
-            arch::acpi::create_acpi_tables(&mem, &arch::acpi::AcpiConfig { num_cpus: config.cpus })
-                .map_err(VmmError::Acpi)?;
+        let rsdp = arch::acpi::create_acpi_tables(&mem, &{
+            let mut acpi = arch::acpi::AcpiConfig::new(config.cpus);
+            acpi.virtio_mmio = virtio_info.clone();
+            acpi
+        })
+        .map_err(VmmError::Acpi)?;
         arch::boot::write_boot_gdt(&mem)?;
         let cr3 = arch::boot::write_identity_page_tables(&mem)?;
         let boot = if loaded.pvh {
@@ -275,7 +300,20 @@ impl Vm {
             .map_err(bus_err("boot timer"))?;
         }
         let pio = Arc::new(pio);
-        let mmio = Arc::new(Bus::new());
+        let mut mmio = Bus::new();
+        for (device, info) in virtio.into_iter().zip(&virtio_info) {
+            let evt = EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|source| VmmError::Device { what: "virtio interrupt", source })?;
+            vm.register_irqfd(&evt, info.gsi).map_err(kvm_call("register virtio irqfd"))?;
+            let transport = virtio_devices::mmio::MmioTransport::new(
+                device,
+                (*mem).clone(),
+                Arc::new(EventFdIrq(evt)),
+            );
+            mmio.insert(Arc::new(Mutex::new(transport)), u64::from(info.base), u64::from(info.len))
+                .map_err(bus_err("virtio-mmio"))?;
+        }
+        let mmio = Arc::new(mmio);
         if config.serial == SerialOutput::Stdio {
             crate::console::spawn_stdin_reader(serial, config.interactive_console)
                 .map_err(|source| VmmError::Thread { name: "serial-in".into(), source })?;

@@ -13,6 +13,7 @@ mod mem;
 mod pio;
 mod powerbutton;
 mod reboot;
+mod rng;
 mod smp;
 
 /// A scenario's entry point: the boot information and the text after `=`, if any.
@@ -27,6 +28,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("exit", exit::run),
     ("pio", pio::run),
     ("powerbutton", powerbutton::run),
+    ("rng", rng::run),
     ("reboot", reboot::run),
     ("fault", fault::run),
 ];
