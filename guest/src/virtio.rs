@@ -100,7 +100,9 @@ impl Device {
         // SAFETY: only the boot vCPU drives virtio devices; the page is this driver's.
         unsafe { core::ptr::write_bytes(core::ptr::addr_of_mut!(RINGS), 0, 1) };
         write32(reg(REG_QUEUE_NUM), u32::from(QUEUE_SIZE));
-        for (r, offset) in [(REG_QUEUE_DESC, 0), (REG_QUEUE_DRIVER, 0x400), (REG_QUEUE_DEVICE, 0x800)] {
+        for (r, offset) in
+            [(REG_QUEUE_DESC, 0), (REG_QUEUE_DRIVER, 0x400), (REG_QUEUE_DEVICE, 0x800)]
+        {
             let addr = rings() + offset;
             write32(reg(r), addr as u32);
             write32(reg(r + 4), (addr >> 32) as u32);

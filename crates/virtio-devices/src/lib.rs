@@ -7,6 +7,7 @@
 //! device sees it. Guest memory and the driver are hostile: a malformed request fails that
 //! request or marks the device NEEDS_RESET; it never panics the VMM.
 
+pub mod block;
 pub mod mmio;
 pub mod rng;
 
