@@ -11,6 +11,7 @@ mod bootinfo;
 mod cpu;
 mod entry;
 mod io;
+mod md5;
 mod scenarios;
 mod smp;
 mod virtio;

@@ -28,6 +28,7 @@ const STATUS_DRIVER: u32 = 2;
 const STATUS_DRIVER_OK: u32 = 4;
 const STATUS_FEATURES_OK: u32 = 8;
 const STATUS_NEEDS_RESET: u32 = 0x40;
+const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
 /// Queue entries used by this driver.
 const QUEUE_SIZE: u16 = 8;
@@ -35,7 +36,9 @@ const QUEUE_SIZE: u16 = 8;
 /// Ring memory for one queue: descriptors at 0, available ring at 0x400, used ring at 0x800.
 #[repr(C, align(4096))]
 struct RingPage([u8; 4096]);
-static mut RINGS: RingPage = RingPage([0; 4096]);
+/// Most devices the driver handles (one ring page each, by command-line position).
+const MAX_DEVICES: usize = 8;
+static mut RINGS: [RingPage; MAX_DEVICES] = [const { RingPage([0; 4096]) }; MAX_DEVICES];
 
 /// The virtio-mmio windows named on the command line (`virtio_mmio.device=4K@0xd0000000:16`).
 pub fn windows(info: &BootInfo) -> impl Iterator<Item = u64> + '_ {
@@ -50,6 +53,7 @@ pub fn windows(info: &BootInfo) -> impl Iterator<Item = u64> + '_ {
 /// A device whose queue 0 is running.
 pub struct Device {
     base: u64,
+    rings: u64,
     next_avail: u16,
     last_used: u16,
 }
@@ -64,16 +68,29 @@ fn write32(addr: u64, value: u32) {
     unsafe { core::ptr::write_volatile(addr as *mut u32, value) }
 }
 
-fn rings() -> u64 {
-    core::ptr::addr_of!(RINGS) as u64
+fn ring_page(slot: usize) -> u64 {
+    core::ptr::addr_of!(RINGS) as u64 + 4096 * slot as u64
 }
 
 impl Device {
     /// Finds the first device of `device_id` on the command line and brings queue 0 up.
     pub fn open(info: &BootInfo, device_id: u32) -> Result<Device, &'static str> {
-        let base = windows(info)
-            .find(|b| read32(b + REG_MAGIC) == MAGIC && read32(b + REG_DEVICE_ID) == device_id)
+        Self::open_nth(info, device_id, 0)
+    }
+
+    /// Brings up the `nth` device (counting from 0) of `device_id` on the command line.
+    pub fn open_nth(info: &BootInfo, device_id: u32, nth: usize) -> Result<Device, &'static str> {
+        let (slot, base) = windows(info)
+            .enumerate()
+            .filter(|(_, b)| {
+                read32(b + REG_MAGIC) == MAGIC && read32(b + REG_DEVICE_ID) == device_id
+            })
+            .nth(nth)
             .ok_or("no such virtio-mmio device on the command line")?;
+        if slot >= MAX_DEVICES {
+            return Err("too many virtio-mmio devices for the driver");
+        }
+        let rings = ring_page(slot);
         if read32(base + REG_VERSION) != 2 {
             return Err("not a virtio-mmio version 2 device");
         }
@@ -97,13 +114,13 @@ impl Device {
         if read32(reg(REG_QUEUE_NUM_MAX)) < u32::from(QUEUE_SIZE) {
             return Err("queue 0 is too small");
         }
-        // SAFETY: only the boot vCPU drives virtio devices; the page is this driver's.
-        unsafe { core::ptr::write_bytes(core::ptr::addr_of_mut!(RINGS), 0, 1) };
+        // SAFETY: only the boot vCPU drives virtio devices; the page is this device's.
+        unsafe { core::ptr::write_bytes(rings as *mut u8, 0, 4096) };
         write32(reg(REG_QUEUE_NUM), u32::from(QUEUE_SIZE));
         for (r, offset) in
             [(REG_QUEUE_DESC, 0), (REG_QUEUE_DRIVER, 0x400), (REG_QUEUE_DEVICE, 0x800)]
         {
-            let addr = rings() + offset;
+            let addr = rings + offset;
             write32(reg(r), addr as u32);
             write32(reg(r + 4), (addr >> 32) as u32);
         }
@@ -113,7 +130,7 @@ impl Device {
         if read32(reg(REG_STATUS)) & (STATUS_NEEDS_RESET | STATUS_DRIVER_OK) != STATUS_DRIVER_OK {
             return Err("device did not accept DRIVER_OK");
         }
-        Ok(Device { base, next_avail: 0, last_used: 0 })
+        Ok(Device { base, rings, next_avail: 0, last_used: 0 })
     }
 
     /// The device's register window.
@@ -121,21 +138,44 @@ impl Device {
         self.base
     }
 
+    /// Reads a 32-bit word of the device-specific configuration space.
+    pub fn config32(&self, offset: u64) -> u32 {
+        read32(self.base + 0x100 + offset)
+    }
+
     /// Offers one device-writable buffer, notifies, and waits for the device to use it;
     /// returns the length the device wrote.
     pub fn fill(&mut self, buf: &mut [u8]) -> Result<u32, &'static str> {
-        let slot = self.next_avail % QUEUE_SIZE;
-        let desc = rings() + u64::from(slot) * 16;
-        let avail = rings() + 0x400;
-        let used = rings() + 0x800;
-        // SAFETY: the ring page belongs to this driver and lies in identity-mapped RAM; the
-        // device reads it only after the notify below.
+        self.submit(&[(buf.as_mut_ptr() as u64, buf.len() as u32, true)])
+    }
+
+    /// Offers one chain of (address, length, device-writable) buffers, notifies, and waits
+    /// for the device to use it; returns the used length. Uses descriptors 0.. of the table,
+    /// one request at a time.
+    pub fn submit(&mut self, parts: &[(u64, u32, bool)]) -> Result<u32, &'static str> {
+        if parts.is_empty() || parts.len() > usize::from(QUEUE_SIZE) {
+            return Err("bad request shape");
+        }
+        let avail = self.rings + 0x400;
+        let used = self.rings + 0x800;
+        // SAFETY: the ring page belongs to this device's driver and lies in identity-mapped
+        // RAM; the device reads it only after the notify below.
         unsafe {
-            core::ptr::write_volatile(desc as *mut u64, buf.as_mut_ptr() as u64);
-            core::ptr::write_volatile((desc + 8) as *mut u32, buf.len() as u32);
-            core::ptr::write_volatile((desc + 12) as *mut u16, DESC_F_WRITE);
-            core::ptr::write_volatile((desc + 14) as *mut u16, 0);
-            core::ptr::write_volatile((avail + 4 + 2 * u64::from(slot)) as *mut u16, slot);
+            for (i, (addr, len, writable)) in parts.iter().enumerate() {
+                let desc = self.rings + 16 * i as u64;
+                let last = i + 1 == parts.len();
+                let flags =
+                    if *writable { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
+                core::ptr::write_volatile(desc as *mut u64, *addr);
+                core::ptr::write_volatile((desc + 8) as *mut u32, *len);
+                core::ptr::write_volatile((desc + 12) as *mut u16, flags);
+                core::ptr::write_volatile(
+                    (desc + 14) as *mut u16,
+                    if last { 0 } else { i as u16 + 1 },
+                );
+            }
+            let slot = self.next_avail % QUEUE_SIZE;
+            core::ptr::write_volatile((avail + 4 + 2 * u64::from(slot)) as *mut u16, 0);
             fence(Ordering::SeqCst);
             self.next_avail = self.next_avail.wrapping_add(1);
             core::ptr::write_volatile((avail + 2) as *mut u16, self.next_avail);

@@ -62,6 +62,40 @@ struct RunArgs {
     /// Attach a virtio-rng entropy device (virtio-mmio, fed by the host's getrandom).
     #[arg(long)]
     rng: bool,
+    /// Attach a virtio-blk disk: path=FILE[,readonly=on|off][,serial=ID]; repeat for more
+    /// disks (the guest numbers them in this order).
+    #[arg(long, value_parser = parse_disk)]
+    disk: Vec<vmm::DiskConfig>,
+}
+
+fn parse_disk(s: &str) -> Result<vmm::DiskConfig, String> {
+    let mut path = None;
+    let mut read_only = false;
+    let mut serial = String::new();
+    for part in s.split(',') {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("invalid disk option '{part}': expected KEY=VALUE"))?;
+        match key {
+            "path" if !value.is_empty() => path = Some(std::path::PathBuf::from(value)),
+            "readonly" => {
+                read_only = match value {
+                    "on" | "true" => true,
+                    "off" | "false" => false,
+                    _ => return Err(format!("invalid readonly '{value}': use on or off")),
+                }
+            }
+            "serial" if value.len() <= 20 => serial = value.to_string(),
+            "serial" => return Err(format!("serial '{value}' is longer than 20 bytes")),
+            _ => {
+                return Err(format!(
+                    "invalid disk option '{part}': use path=, readonly= or serial="
+                ))
+            }
+        }
+    }
+    let path = path.ok_or("a disk needs path=FILE")?;
+    Ok(vmm::DiskConfig { path, read_only, serial })
 }
 
 fn parse_serial(s: &str) -> Result<SerialOutput, String> {
@@ -93,6 +127,7 @@ fn run(args: RunArgs, start: Instant) -> Result<VmOutcome, vmm::VmmError> {
     config.debug_exit = args.debug_exit;
     config.boot_timer = args.boot_timer;
     config.rng = args.rng;
+    config.disks = args.disk;
     config.start_time = start;
     // Raw mode only for a console on a terminal; restored when `_raw` drops.
     let _raw = if config.serial == SerialOutput::Stdio {

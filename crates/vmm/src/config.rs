@@ -64,6 +64,19 @@ pub struct VmConfig {
     pub interactive_console: bool,
     /// Attach a virtio-rng device (virtio-mmio).
     pub rng: bool,
+    /// virtio-blk disks, in the order the guest numbers them.
+    pub disks: Vec<DiskConfig>,
+}
+
+/// One virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// A raw image file.
+    pub path: PathBuf,
+    /// Refuse guest writes (the file is opened read-only).
+    pub read_only: bool,
+    /// What GET_ID answers (at most 20 bytes).
+    pub serial: String,
 }
 
 impl VmConfig {
@@ -82,6 +95,7 @@ impl VmConfig {
             start_time: Instant::now(),
             interactive_console: false,
             rng: false,
+            disks: Vec::new(),
         }
     }
 }

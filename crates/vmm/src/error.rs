@@ -209,6 +209,17 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
+    /// A disk cannot be attached.
+    #[error("cannot attach disk")]
+    Disk(#[from] virtio_devices::block::BlockError),
+    /// More virtio devices than there are interrupt lines for them.
+    #[error("too many virtio devices: {count} asked for, at most {max}")]
+    TooManyDevices {
+        /// Asked for.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
     /// The guest crashed.
     #[error("guest failed")]
     Guest(#[from] GuestFailure),

@@ -193,8 +193,19 @@ impl Vm {
         // virtio-mmio devices: window n at VIRTIO_MMIO_START + n * stride, GSI 16 + n;
         // described in ACPI and, for kernels that read it, on the command line.
         let mut virtio: Vec<Box<dyn virtio_devices::VirtioDevice>> = Vec::new();
+        for disk in &config.disks {
+            let block =
+                virtio_devices::block::Block::open(&disk.path, disk.read_only, &disk.serial)?;
+            virtio.push(Box::new(block));
+        }
         if config.rng {
             virtio.push(Box::new(virtio_devices::rng::Rng::default()));
+        }
+        if virtio.len() > VIRTIO_MMIO_MAX_DEVICES {
+            return Err(VmmError::TooManyDevices {
+                count: virtio.len(),
+                max: VIRTIO_MMIO_MAX_DEVICES,
+            });
         }
         let mut virtio_info = Vec::new();
         let mut cmdline = config.cmdline.clone();

@@ -5,6 +5,7 @@
 use crate::bootinfo::BootInfo;
 use crate::{io, println};
 
+mod disk;
 mod echo;
 mod exit;
 mod fault;
@@ -24,6 +25,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("hello", hello::run),
     ("smp", smp::run),
     ("mem", mem::run),
+    ("disk", disk::run),
     ("echo", echo::run),
     ("exit", exit::run),
     ("pio", pio::run),
