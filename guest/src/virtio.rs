@@ -54,6 +54,7 @@ pub fn windows(info: &BootInfo) -> impl Iterator<Item = u64> + '_ {
 pub struct Device {
     base: u64,
     rings: u64,
+    features: u64,
     next_avail: u16,
     last_used: u16,
 }
@@ -98,8 +99,12 @@ impl Device {
         write32(reg(REG_STATUS), 0);
         write32(reg(REG_STATUS), STATUS_ACK);
         write32(reg(REG_STATUS), STATUS_ACK | STATUS_DRIVER);
+        write32(reg(REG_DEVICE_FEATURES_SEL), 0);
+        let low = read32(reg(REG_DEVICE_FEATURES));
         write32(reg(REG_DEVICE_FEATURES_SEL), 1);
-        if read32(reg(REG_DEVICE_FEATURES)) & 1 == 0 {
+        let high = read32(reg(REG_DEVICE_FEATURES));
+        let features = u64::from(low) | (u64::from(high) << 32);
+        if high & 1 == 0 {
             return Err("device does not offer VIRTIO_F_VERSION_1");
         }
         write32(reg(REG_DRIVER_FEATURES_SEL), 0);
@@ -130,12 +135,17 @@ impl Device {
         if read32(reg(REG_STATUS)) & (STATUS_NEEDS_RESET | STATUS_DRIVER_OK) != STATUS_DRIVER_OK {
             return Err("device did not accept DRIVER_OK");
         }
-        Ok(Device { base, rings, next_avail: 0, last_used: 0 })
+        Ok(Device { base, rings, features, next_avail: 0, last_used: 0 })
     }
 
     /// The device's register window.
     pub fn base(&self) -> u64 {
         self.base
+    }
+
+    /// The features the device offered.
+    pub fn offered_features(&self) -> u64 {
+        self.features
     }
 
     /// Reads a 32-bit word of the device-specific configuration space.

@@ -26,6 +26,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("smp", smp::run),
     ("mem", mem::run),
     ("disk", disk::run),
+    ("diskwrite", disk::run_write),
     ("echo", echo::run),
     ("exit", exit::run),
     ("pio", pio::run),
