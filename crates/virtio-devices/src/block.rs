@@ -3,7 +3,7 @@
 //! for writing. Requests move through a fixed-size bounce buffer, so a guest's lengths never
 //! size an allocation, and every sector range is checked against the disk's end.
 //!
-//! Today requests are served on the thread that delivers the queue notification.
+//! Requests are served on the device's worker thread (see `mmio`), off the vCPU threads.
 
 use crate::{DeviceError, VirtioDevice, VIRTIO_F_VERSION_1};
 use std::fs::{File, OpenOptions};

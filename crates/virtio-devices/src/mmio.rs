@@ -1,11 +1,21 @@
 //! The virtio-mmio transport, version 2 (virtio 1.2, section 4.2): a 0x200-byte register
 //! window per device. The driver's writes are checked here — feature negotiation, queue
 //! sizes and addresses, the status state machine — before the device model sees anything.
+//!
+//! With a [`NotifyRegistrar`] (the VMM's KVM ioeventfds), DRIVER_OK starts a worker thread
+//! for the device: each queue's notification is an eventfd the vCPU signals without leaving
+//! the kernel, and the worker serves the queue and raises the interrupt (an irqfd), so a
+//! request costs no exit to userspace. A reset stops the worker before anything changes.
 
 use crate::{status, VirtioDevice, VIRTIO_F_VERSION_1};
+use devices::bus::lock;
 use devices::{BusDevice, SharedIrq, VmAction};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
 /// Size of a device's register window.
 pub const MMIO_WINDOW: u64 = 0x200;
@@ -44,18 +54,109 @@ pub const INT_USED_BUFFER: u32 = 1;
 /// Interrupt status: the configuration (or device status) changed.
 pub const INT_CONFIG_CHANGE: u32 = 2;
 
+/// Registers the eventfd that KVM signals when the guest writes `datamatch` to `addr`
+/// (the QueueNotify register), instead of exiting to userspace.
+pub trait NotifyRegistrar: Send + Sync {
+    /// Starts routing the writes to `fd`.
+    fn register(&self, addr: u64, datamatch: u32, fd: &EventFd) -> std::io::Result<()>;
+    /// Stops it.
+    fn unregister(&self, addr: u64, datamatch: u32, fd: &EventFd) -> std::io::Result<()>;
+}
+
+/// What the transport and the device's worker thread share.
+struct Shared {
+    device: Box<dyn VirtioDevice>,
+    queues: Vec<Queue>,
+}
+
+/// State the worker updates and the transport reads.
+struct Signals {
+    irq: SharedIrq,
+    interrupt_status: AtomicU32,
+    needs_reset: AtomicBool,
+}
+
+impl Signals {
+    fn interrupt(&self, why: u32) {
+        self.interrupt_status.fetch_or(why, Ordering::AcqRel);
+        // A lost interrupt shows up as a stalled driver; there is no one to tell here.
+        let _ = self.irq.trigger();
+    }
+}
+
+/// Serves one queue notification: the device processes the queue, then the driver is told.
+fn serve(shared: &Mutex<Shared>, signals: &Signals, mem: &GuestMemoryMmap, index: u16) {
+    let mut guard = lock(shared);
+    let Shared { device, queues } = &mut *guard;
+    let Some(queue) = queues.get_mut(usize::from(index)) else { return };
+    if !queue.ready() || signals.needs_reset.load(Ordering::Acquire) {
+        return;
+    }
+    match device.process_queue(mem, index, queue) {
+        Ok(true) => signals.interrupt(INT_USED_BUFFER),
+        Ok(false) => {}
+        Err(_) => {
+            signals.needs_reset.store(true, Ordering::Release);
+            signals.interrupt(INT_CONFIG_CHANGE);
+        }
+    }
+}
+
+/// The device's thread while the driver runs it.
+struct Worker {
+    stop: EventFd,
+    notifiers: Vec<EventFd>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn worker_loop(
+    shared: Arc<Mutex<Shared>>,
+    signals: Arc<Signals>,
+    mem: GuestMemoryMmap,
+    stop: EventFd,
+    notifiers: Vec<EventFd>,
+) {
+    let mut fds: Vec<libc::pollfd> = std::iter::once(&stop)
+        .chain(&notifiers)
+        .map(|e| libc::pollfd { fd: e.as_raw_fd(), events: libc::POLLIN, revents: 0 })
+        .collect();
+    loop {
+        let nfds = libc::nfds_t::try_from(fds.len()).unwrap_or(0);
+        // SAFETY: `fds` is a valid array of `nfds` pollfd structures for the duration.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), nfds, -1) };
+        if ready < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        if fds[0].revents != 0 {
+            return;
+        }
+        for (i, pfd) in fds.iter().enumerate().skip(1) {
+            if pfd.revents & libc::POLLIN != 0 {
+                // Reading clears the count; several notifications are served as one pass.
+                let _ = notifiers[i - 1].read();
+                if let Ok(index) = u16::try_from(i - 1) {
+                    serve(&shared, &signals, &mem, index);
+                }
+            }
+        }
+    }
+}
+
 /// One virtio device on the MMIO bus.
 pub struct MmioTransport {
-    device: Box<dyn VirtioDevice>,
+    shared: Arc<Mutex<Shared>>,
+    signals: Arc<Signals>,
     mem: GuestMemoryMmap,
-    irq: SharedIrq,
-    queues: Vec<Queue>,
+    notifier: Option<(Arc<dyn NotifyRegistrar>, u64)>,
+    worker: Option<Worker>,
     queue_select: u32,
     device_features_select: u32,
     driver_features_select: u32,
     driver_features: u64,
     status: u32,
-    interrupt_status: u32,
     config_generation: u32,
     /// The driver wrote a queue size the queue refused; DRIVER_OK will fail until reset.
     bad_queue_config: bool,
@@ -63,22 +164,34 @@ pub struct MmioTransport {
 
 impl MmioTransport {
     /// Wraps `device`, which will raise `irq` and reach the guest's memory through `mem`.
+    /// Notifications are served on the thread that writes QueueNotify.
     pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, irq: SharedIrq) -> Self {
         let queues = Self::fresh_queues(device.as_ref());
         Self {
-            device,
+            shared: Arc::new(Mutex::new(Shared { device, queues })),
+            signals: Arc::new(Signals {
+                irq,
+                interrupt_status: AtomicU32::new(0),
+                needs_reset: AtomicBool::new(false),
+            }),
             mem,
-            irq,
-            queues,
+            notifier: None,
+            worker: None,
             queue_select: 0,
             device_features_select: 0,
             driver_features_select: 0,
             driver_features: 0,
             status: 0,
-            interrupt_status: 0,
             config_generation: 0,
             bad_queue_config: false,
         }
+    }
+
+    /// Serves notifications on a worker thread through eventfds that `registrar` attaches to
+    /// this device's QueueNotify register at guest address `base + 0x50`.
+    pub fn with_notifier(mut self, registrar: Arc<dyn NotifyRegistrar>, base: u64) -> Self {
+        self.notifier = Some((registrar, base + QUEUE_NOTIFY));
+        self
     }
 
     fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
@@ -87,35 +200,89 @@ impl MmioTransport {
 
     /// The driver-visible status register.
     pub fn status(&self) -> u32 {
-        self.status
+        if self.signals.needs_reset.load(Ordering::Acquire) {
+            self.status | status::DEVICE_NEEDS_RESET
+        } else {
+            self.status
+        }
+    }
+
+    /// Stops the worker (if any) and detaches its eventfds.
+    fn stop_worker(&mut self) {
+        let Some(mut worker) = self.worker.take() else { return };
+        let _ = worker.stop.write(1);
+        if let Some(thread) = worker.thread.take() {
+            let _ = thread.join();
+        }
+        if let Some((registrar, addr)) = &self.notifier {
+            for (i, fd) in worker.notifiers.iter().enumerate() {
+                let _ = registrar.unregister(*addr, u32::try_from(i).unwrap_or(0), fd);
+            }
+        }
+    }
+
+    /// Starts the worker; on any failure notifications stay on the vCPU thread.
+    fn start_worker(&mut self) {
+        let Some((registrar, addr)) = self.notifier.clone() else { return };
+        let count = lock(&self.shared).queues.len();
+        let mut notifiers = Vec::with_capacity(count);
+        for i in 0..count {
+            let Ok(fd) = EventFd::new(libc::EFD_NONBLOCK) else { break };
+            if registrar.register(addr, u32::try_from(i).unwrap_or(0), &fd).is_err() {
+                break;
+            }
+            notifiers.push(fd);
+        }
+        let stop = EventFd::new(libc::EFD_NONBLOCK);
+        let clones: Option<Vec<EventFd>> = notifiers.iter().map(|f| f.try_clone().ok()).collect();
+        let (Ok(stop), Some(clones), true) = (stop, clones, notifiers.len() == count) else {
+            for (i, fd) in notifiers.iter().enumerate() {
+                let _ = registrar.unregister(addr, u32::try_from(i).unwrap_or(0), fd);
+            }
+            return;
+        };
+        let Ok(stop_clone) = stop.try_clone() else { return };
+        let (shared, signals, mem) = (self.shared.clone(), self.signals.clone(), self.mem.clone());
+        let type_id = lock(&self.shared).device.device_type();
+        let thread = std::thread::Builder::new()
+            .name(format!("virtio-{type_id}"))
+            .spawn(move || worker_loop(shared, signals, mem, stop_clone, clones))
+            .ok();
+        if thread.is_none() {
+            for (i, fd) in notifiers.iter().enumerate() {
+                let _ = registrar.unregister(addr, u32::try_from(i).unwrap_or(0), fd);
+            }
+            return;
+        }
+        self.worker = Some(Worker { stop, notifiers, thread });
     }
 
     fn reset(&mut self) {
-        self.device.reset();
-        self.queues = Self::fresh_queues(self.device.as_ref());
+        self.stop_worker();
+        {
+            let mut shared = lock(&self.shared);
+            shared.device.reset();
+            shared.queues = Self::fresh_queues(shared.device.as_ref());
+        }
         self.queue_select = 0;
         self.device_features_select = 0;
         self.driver_features_select = 0;
         self.driver_features = 0;
         self.status = 0;
-        self.interrupt_status = 0;
+        self.signals.interrupt_status.store(0, Ordering::Release);
+        self.signals.needs_reset.store(false, Ordering::Release);
         self.bad_queue_config = false;
     }
 
-    fn interrupt(&mut self, why: u32) {
-        self.interrupt_status |= why;
-        // A lost interrupt shows up as a stalled driver; there is no one to tell here.
-        let _ = self.irq.trigger();
-    }
-
     fn needs_reset(&mut self) {
-        self.status |= status::DEVICE_NEEDS_RESET;
-        self.interrupt(INT_CONFIG_CHANGE);
+        self.signals.needs_reset.store(true, Ordering::Release);
+        self.signals.interrupt(INT_CONFIG_CHANGE);
     }
 
-    fn selected_queue(&mut self) -> Option<&mut Queue> {
+    fn with_selected_queue<T>(&mut self, f: impl FnOnce(&mut Queue) -> T) -> Option<T> {
         let index = usize::try_from(self.queue_select).ok()?;
-        self.queues.get_mut(index)
+        let mut shared = lock(&self.shared);
+        shared.queues.get_mut(index).map(f)
     }
 
     fn set_status(&mut self, value: u32) {
@@ -128,9 +295,9 @@ impl MmioTransport {
             return;
         }
         let added = value & !self.status;
-        let mut new = value;
+        let mut new = value & !status::DEVICE_NEEDS_RESET;
         if added & status::FEATURES_OK != 0 {
-            let offered = self.device.features();
+            let offered = lock(&self.shared).device.features();
             let acceptable = self.driver_features & !offered == 0
                 && self.driver_features & VIRTIO_F_VERSION_1 != 0;
             if !acceptable {
@@ -138,33 +305,29 @@ impl MmioTransport {
             }
         }
         if added & status::DRIVER_OK != 0 {
-            let negotiated =
-                self.status & status::FEATURES_OK != 0 || new & status::FEATURES_OK != 0;
-            let queues_valid = self.queues.iter().all(|q| !q.ready() || q.is_valid(&self.mem));
+            let negotiated = new & status::FEATURES_OK != 0;
+            let queues_valid = {
+                let shared = lock(&self.shared);
+                shared.queues.iter().all(|q| !q.ready() || q.is_valid(&self.mem))
+            };
             if !negotiated || !queues_valid || self.bad_queue_config {
                 self.status = new & !status::DRIVER_OK;
                 self.needs_reset();
                 return;
             }
+            self.status = new;
+            self.start_worker();
+            return;
         }
         self.status = new;
     }
 
     fn notify(&mut self, index: u32) {
-        let running = status::DRIVER_OK;
-        if self.status & (running | status::DEVICE_NEEDS_RESET) != running {
+        if self.status & status::DRIVER_OK == 0 {
             return;
         }
-        let Ok(slot) = usize::try_from(index) else { return };
-        let Ok(index) = u16::try_from(index) else { return };
-        let Some(queue) = self.queues.get_mut(slot) else { return };
-        if !queue.ready() {
-            return;
-        }
-        match self.device.process_queue(&self.mem, index, queue) {
-            Ok(true) => self.interrupt(INT_USED_BUFFER),
-            Ok(false) => {}
-            Err(_) => self.needs_reset(),
+        if let Ok(index) = u16::try_from(index) {
+            serve(&self.shared, &self.signals, &self.mem, index);
         }
     }
 
@@ -172,20 +335,20 @@ impl MmioTransport {
         match offset {
             MAGIC_VALUE => MAGIC,
             VERSION => 2,
-            DEVICE_ID => self.device.device_type(),
+            DEVICE_ID => lock(&self.shared).device.device_type(),
             VENDOR_ID => VENDOR,
             DEVICE_FEATURES => {
-                let features = self.device.features();
+                let features = lock(&self.shared).device.features();
                 match self.device_features_select {
                     0 => (features & 0xffff_ffff) as u32,
                     1 => (features >> 32) as u32,
                     _ => 0,
                 }
             }
-            QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
-            QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
-            INTERRUPT_STATUS => self.interrupt_status,
-            STATUS => self.status,
+            QUEUE_NUM_MAX => self.with_selected_queue(|q| u32::from(q.max_size())).unwrap_or(0),
+            QUEUE_READY => self.with_selected_queue(|q| u32::from(q.ready())).unwrap_or(0),
+            INTERRUPT_STATUS => self.signals.interrupt_status.load(Ordering::Acquire),
+            STATUS => self.status(),
             CONFIG_GENERATION => self.config_generation,
             _ => 0,
         }
@@ -214,18 +377,16 @@ impl MmioTransport {
             QUEUE_NUM if configuring => {
                 // Sizes that are zero, not a power of two or above the maximum are refused;
                 // DRIVER_OK then reports the device broken.
-                let accepted = match (self.selected_queue(), u16::try_from(value)) {
-                    (Some(q), Ok(size)) => q.try_set_size(size).is_ok(),
-                    _ => false,
-                };
+                let accepted = u16::try_from(value)
+                    .ok()
+                    .and_then(|size| self.with_selected_queue(|q| q.try_set_size(size).is_ok()))
+                    .unwrap_or(false);
                 if !accepted {
                     self.bad_queue_config = true;
                 }
             }
             QUEUE_READY if configuring => {
-                if let Some(q) = self.selected_queue() {
-                    q.set_ready(value == 1);
-                }
+                self.with_selected_queue(|q| q.set_ready(value == 1));
             }
             QUEUE_DESC_LOW | QUEUE_DESC_HIGH | QUEUE_DRIVER_LOW | QUEUE_DRIVER_HIGH
             | QUEUE_DEVICE_LOW | QUEUE_DEVICE_HIGH
@@ -233,26 +394,32 @@ impl MmioTransport {
             {
                 let high = offset & 4 != 0;
                 let (low, high) = if high { (None, Some(value)) } else { (Some(value), None) };
-                if let Some(q) = self.selected_queue() {
-                    match offset & !4 {
-                        QUEUE_DESC_LOW => q.set_desc_table_address(low, high),
-                        QUEUE_DRIVER_LOW => q.set_avail_ring_address(low, high),
-                        _ => q.set_used_ring_address(low, high),
-                    }
-                }
+                self.with_selected_queue(|q| match offset & !4 {
+                    QUEUE_DESC_LOW => q.set_desc_table_address(low, high),
+                    QUEUE_DRIVER_LOW => q.set_avail_ring_address(low, high),
+                    _ => q.set_used_ring_address(low, high),
+                });
             }
             QUEUE_NOTIFY => self.notify(value),
-            INTERRUPT_ACK => self.interrupt_status &= !value,
+            INTERRUPT_ACK => {
+                self.signals.interrupt_status.fetch_and(!value, Ordering::AcqRel);
+            }
             STATUS => self.set_status(value),
             _ => {}
         }
     }
 }
 
+impl Drop for MmioTransport {
+    fn drop(&mut self) {
+        self.stop_worker();
+    }
+}
+
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG {
-            self.device.read_config(offset - CONFIG, data);
+            lock(&self.shared).device.read_config(offset - CONFIG, data);
             return;
         }
         // Registers are 32 bits wide and must be read whole (4.2.2.2).
@@ -265,7 +432,7 @@ impl BusDevice for MmioTransport {
 
     fn write(&mut self, offset: u64, data: &[u8]) -> VmAction {
         if offset >= CONFIG {
-            self.device.write_config(offset - CONFIG, data);
+            lock(&self.shared).device.write_config(offset - CONFIG, data);
             self.config_generation = self.config_generation.wrapping_add(1);
             return VmAction::None;
         }
@@ -446,5 +613,66 @@ mod tests {
         d.w(STATUS, status::ACKNOWLEDGE | status::DRIVER);
         d.w(STATUS, status::DRIVER);
         assert_eq!(d.r(STATUS), status::ACKNOWLEDGE | status::DRIVER);
+    }
+
+    /// Records what the transport registers, and lets the test play KVM's part.
+    #[derive(Default)]
+    struct Registrar {
+        registered: std::sync::Mutex<Vec<(u64, u32, EventFd)>>,
+        unregistered: AtomicUsize,
+    }
+    impl NotifyRegistrar for Registrar {
+        fn register(&self, addr: u64, datamatch: u32, fd: &EventFd) -> std::io::Result<()> {
+            self.registered.lock().unwrap().push((addr, datamatch, fd.try_clone()?));
+            Ok(())
+        }
+        fn unregister(&self, _addr: u64, _datamatch: u32, _fd: &EventFd) -> std::io::Result<()> {
+            self.unregistered.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn notifications_through_eventfds_are_served_by_the_worker() {
+        let mut d = Driver::new();
+        let registrar = Arc::new(Registrar::default());
+        let dev = std::mem::replace(
+            &mut d.dev,
+            MmioTransport::new(Box::new(Rng::default()), d.mem.clone(), d.irq.clone()),
+        );
+        d.dev = dev.with_notifier(registrar.clone(), 0xd000_0000);
+        assert_eq!(d.bring_up(8, 1) & status::DRIVER_OK, status::DRIVER_OK);
+        let (addr, datamatch) = {
+            let regs = registrar.registered.lock().unwrap();
+            assert_eq!(regs.len(), 1, "one eventfd per queue");
+            (regs[0].0, regs[0].1)
+        };
+        assert_eq!((addr, datamatch), (0xd000_0050, 0));
+        // Post a buffer without the MMIO notify, then signal as KVM would.
+        let desc = [
+            0x10_0000u64.to_le_bytes().as_slice(),
+            &32u32.to_le_bytes(),
+            &2u16.to_le_bytes(),
+            &0u16.to_le_bytes(),
+        ]
+        .concat();
+        d.mem.write_slice(&desc, GuestAddress(0x1000)).unwrap();
+        d.mem.write_obj(0u16, GuestAddress(0x2004)).unwrap();
+        d.mem.write_obj(1u16, GuestAddress(0x2002)).unwrap();
+        registrar.registered.lock().unwrap()[0].2.write(1).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while d.used_idx() != 1 {
+            assert!(std::time::Instant::now() < deadline, "the worker did not serve the queue");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        while d.irq.0.load(Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "no interrupt");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(d.r(INTERRUPT_STATUS) & INT_USED_BUFFER, INT_USED_BUFFER);
+        // A reset stops the worker and detaches the eventfd.
+        d.w(STATUS, 0);
+        assert_eq!(registrar.unregistered.load(Ordering::SeqCst), 1);
+        assert_eq!(d.r(STATUS), 0);
     }
 }

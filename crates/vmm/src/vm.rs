@@ -54,6 +54,23 @@ impl IrqLine for EventFdIrq {
     }
 }
 
+/// Queue notifications as KVM ioeventfds: a guest write of the queue index to QueueNotify
+/// signals the eventfd inside the kernel, with no exit to this process.
+struct IoEventRegistrar(Arc<VmFd>);
+
+impl virtio_devices::mmio::NotifyRegistrar for IoEventRegistrar {
+    fn register(&self, addr: u64, datamatch: u32, fd: &EventFd) -> std::io::Result<()> {
+        self.0
+            .register_ioevent(fd, &kvm_ioctls::IoEventAddress::Mmio(addr), datamatch)
+            .map_err(std::io::Error::from)
+    }
+    fn unregister(&self, addr: u64, datamatch: u32, fd: &EventFd) -> std::io::Result<()> {
+        self.0
+            .unregister_ioevent(fd, &kvm_ioctls::IoEventAddress::Mmio(addr), datamatch)
+            .map_err(std::io::Error::from)
+    }
+}
+
 struct LineIrq {
     vm: Arc<VmFd>,
     gsi: u32,
@@ -320,7 +337,8 @@ impl Vm {
                 device,
                 (*mem).clone(),
                 Arc::new(EventFdIrq(evt)),
-            );
+            )
+            .with_notifier(Arc::new(IoEventRegistrar(vm.clone())), u64::from(info.base));
             mmio.insert(Arc::new(Mutex::new(transport)), u64::from(info.base), u64::from(info.len))
                 .map_err(bus_err("virtio-mmio"))?;
         }
