@@ -62,8 +62,9 @@ struct RunArgs {
     /// Attach a virtio-rng entropy device (virtio-mmio, fed by the host's getrandom).
     #[arg(long)]
     rng: bool,
-    /// Attach a virtio-blk disk: path=FILE[,readonly=on|off][,serial=ID]; repeat for more
-    /// disks (the guest numbers them in this order).
+    /// Attach a virtio-blk disk: path=FILE[,readonly=on|off][,serial=ID][,bandwidth=SIZE[/PERIOD]]
+    /// [,bandwidth_burst=SIZE][,ops=N[/PERIOD]][,ops_burst=N]; repeat for more disks (the
+    /// guest numbers them in this order).
     #[arg(long, value_parser = parse_disk)]
     disk: Vec<vmm::DiskConfig>,
 }
@@ -72,6 +73,7 @@ fn parse_disk(s: &str) -> Result<vmm::DiskConfig, String> {
     let mut path = None;
     let mut read_only = false;
     let mut serial = String::new();
+    let mut limits = Vec::new();
     for part in s.split(',') {
         let (key, value) = part
             .split_once('=')
@@ -87,15 +89,23 @@ fn parse_disk(s: &str) -> Result<vmm::DiskConfig, String> {
             }
             "serial" if value.len() <= 20 => serial = value.to_string(),
             "serial" => return Err(format!("serial '{value}' is longer than 20 bytes")),
+            "bandwidth" | "bandwidth_burst" | "ops" | "ops_burst" => limits.push(part),
             _ => {
                 return Err(format!(
-                    "invalid disk option '{part}': use path=, readonly= or serial="
+                    "invalid disk option '{part}': use path=, readonly=, serial=, bandwidth=, \
+                     bandwidth_burst=, ops= or ops_burst="
                 ))
             }
         }
     }
     let path = path.ok_or("a disk needs path=FILE")?;
-    Ok(vmm::DiskConfig { path, read_only, serial })
+    let rate_limit = if limits.is_empty() {
+        None
+    } else {
+        let config = limits.join(",").parse::<rate_limiter::RateLimiterConfig>();
+        Some(config.map_err(|e| format!("invalid disk rate limit: {e}"))?)
+    };
+    Ok(vmm::DiskConfig { path, read_only, serial, rate_limit })
 }
 
 fn parse_serial(s: &str) -> Result<SerialOutput, String> {

@@ -6,6 +6,7 @@
 //! Requests are served on the device's worker thread (see `mmio`), off the vCPU threads.
 
 use crate::{DeviceError, VirtioDevice, VIRTIO_F_VERSION_1};
+use rate_limiter::{RateLimiter, RateLimiterConfig, TokenType};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
@@ -60,6 +61,9 @@ pub enum BlockError {
         #[source]
         source: std::io::Error,
     },
+    /// The rate limit cannot be set up.
+    #[error("invalid disk rate limit: {0}")]
+    RateLimit(String),
     /// The serial is longer than the 20 bytes GET_ID returns.
     #[error("disk serial '{0}' is longer than 20 bytes")]
     SerialTooLong(String),
@@ -67,6 +71,7 @@ pub enum BlockError {
 
 /// A virtio-blk device.
 pub struct Block {
+    limiter: Option<RateLimiter>,
     file: File,
     capacity_sectors: u64,
     read_only: bool,
@@ -106,7 +111,15 @@ impl Block {
         config[48..52].copy_from_slice(&MAX_ZERO_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
         config[52..56].copy_from_slice(&SEG_MAX.to_le_bytes()); // max_write_zeroes_seg
         config[56] = 1; // write_zeroes_may_unmap
-        Ok(Block { file, capacity_sectors, read_only, id, config })
+        Ok(Block { limiter: None, file, capacity_sectors, read_only, id, config })
+    }
+
+    /// Limits the disk's bandwidth and operations (each request counts as one operation and
+    /// its buffers' total length in bytes).
+    pub fn with_rate_limit(mut self, config: &RateLimiterConfig) -> Result<Block, BlockError> {
+        self.limiter =
+            Some(RateLimiter::new(config).map_err(|e| BlockError::RateLimit(e.to_string()))?);
+        Ok(self)
     }
 
     /// The disk's size in 512-byte sectors.
@@ -253,6 +266,18 @@ impl VirtioDevice for Block {
         f
     }
 
+    fn timer_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.limiter.as_ref().map(|l| l.as_raw_fd())
+    }
+
+    fn timer_fired(&mut self) {
+        if let Some(limiter) = &mut self.limiter {
+            // Ok(false) is a spurious wake-up; errors leave the limiter to unblock on its
+            // deadline at the next request.
+            let _ = limiter.event_handler();
+        }
+    }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         let Ok(start) = usize::try_from(offset) else { return };
@@ -273,6 +298,20 @@ impl VirtioDevice for Block {
         let mut used_any = false;
         while let Some(chain) = queue.iter(mem).map_err(queue_err)?.next() {
             let head = chain.head_index();
+            if let Some(limiter) = &mut self.limiter {
+                let bytes =
+                    chain.clone().fold(0u64, |sum, d| sum.saturating_add(u64::from(d.len())));
+                let allowed = limiter.consume(1, TokenType::Ops)
+                    && (limiter.consume(bytes, TokenType::Bytes) || {
+                        limiter.manual_replenish(1, TokenType::Ops);
+                        false
+                    });
+                if !allowed {
+                    // Leave the request on the ring; the limiter's timer brings the worker back.
+                    queue.go_to_previous_position();
+                    break;
+                }
+            }
             let used_len = self.handle_chain(mem, chain);
             queue.add_used(mem, head, used_len).map_err(queue_err)?;
             used_any = true;

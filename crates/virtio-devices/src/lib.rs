@@ -74,6 +74,13 @@ pub trait VirtioDevice: Send {
     ) -> Result<bool, DeviceError>;
     /// Forgets any per-driver state (the transport resets the queues).
     fn reset(&mut self) {}
+    /// A descriptor the worker also waits on (a rate limiter's timer); when it becomes
+    /// readable the worker calls [`VirtioDevice::timer_fired`] and serves every queue again.
+    fn timer_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// The descriptor from [`VirtioDevice::timer_fd`] fired.
+    fn timer_fired(&mut self) {}
 }
 
 /// A shared, lockable device.

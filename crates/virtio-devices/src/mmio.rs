@@ -120,6 +120,12 @@ fn worker_loop(
         .chain(&notifiers)
         .map(|e| libc::pollfd { fd: e.as_raw_fd(), events: libc::POLLIN, revents: 0 })
         .collect();
+    // The device's own timer (a rate limiter), if any, is polled last.
+    let timer = lock(&shared).device.timer_fd();
+    if let Some(fd) = timer {
+        fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+    }
+    let queue_count = notifiers.len();
     loop {
         let nfds = libc::nfds_t::try_from(fds.len()).unwrap_or(0);
         // SAFETY: `fds` is a valid array of `nfds` pollfd structures for the duration.
@@ -133,7 +139,15 @@ fn worker_loop(
         if fds[0].revents != 0 {
             return;
         }
-        for (i, pfd) in fds.iter().enumerate().skip(1) {
+        if timer.is_some() && fds[queue_count + 1].revents & libc::POLLIN != 0 {
+            lock(&shared).device.timer_fired();
+            for index in 0..queue_count {
+                if let Ok(index) = u16::try_from(index) {
+                    serve(&shared, &signals, &mem, index);
+                }
+            }
+        }
+        for (i, pfd) in fds.iter().enumerate().skip(1).take(queue_count) {
             if pfd.revents & libc::POLLIN != 0 {
                 // Reading clears the count; several notifications are served as one pass.
                 let _ = notifiers[i - 1].read();

@@ -77,6 +77,8 @@ pub struct DiskConfig {
     pub read_only: bool,
     /// What GET_ID answers (at most 20 bytes).
     pub serial: String,
+    /// Bandwidth and operation limits.
+    pub rate_limit: Option<rate_limiter::RateLimiterConfig>,
 }
 
 impl VmConfig {

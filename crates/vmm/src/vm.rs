@@ -211,8 +211,11 @@ impl Vm {
         // described in ACPI and, for kernels that read it, on the command line.
         let mut virtio: Vec<Box<dyn virtio_devices::VirtioDevice>> = Vec::new();
         for disk in &config.disks {
-            let block =
+            let mut block =
                 virtio_devices::block::Block::open(&disk.path, disk.read_only, &disk.serial)?;
+            if let Some(limit) = &disk.rate_limit {
+                block = block.with_rate_limit(limit)?;
+            }
             virtio.push(Box::new(block));
         }
         if config.rng {
