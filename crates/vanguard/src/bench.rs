@@ -26,6 +26,16 @@ pub enum Bench {
         #[arg(long, default_value_t = 7)]
         runs: usize,
     },
+    /// virtio-blk throughput and latency against the host reading the same file, on tmpfs
+    /// (/dev/shm) and on disk (/var/tmp).
+    Disk {
+        /// Image size in MiB.
+        #[arg(long, default_value_t = 256)]
+        size_mib: u64,
+        /// Random 4 KiB reads per run.
+        #[arg(long, default_value_t = 4000)]
+        ops: u64,
+    },
     /// All of the above with their defaults.
     All,
 }
@@ -194,10 +204,114 @@ pub fn run(which: Bench) -> Result<(), String> {
         Bench::Boot { runs } => boot(runs),
         Bench::Memory => memory(),
         Bench::Pio { count, runs } => pio(count, runs),
+        Bench::Disk { size_mib, ops } => disk(size_mib, ops),
         Bench::All => {
             boot(20)?;
             memory()?;
-            pio(100_000, 7)
+            pio(100_000, 7)?;
+            disk(256, 4000)
         }
     }
+}
+
+/// The host side of the disk benchmark: the guest's access pattern with pread/pwrite on the
+/// same file (1 MiB sequential reads and writes, then random 4 KiB reads with the guest's
+/// xorshift sequence); returns seconds for each.
+fn host_disk_pass(path: &std::path::Path, ops: u64) -> Result<(f64, f64, f64), String> {
+    use std::os::unix::fs::FileExt;
+    let file =
+        std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(|e| e.to_string())?;
+    let total = file.metadata().map_err(|e| e.to_string())?.len();
+    let whole = total / (1 << 20) * (1 << 20);
+    let mut buf = vec![0u8; 1 << 20];
+    let t = Instant::now();
+    let mut offset = 0;
+    while offset < whole {
+        file.read_exact_at(&mut buf, offset).map_err(|e| e.to_string())?;
+        offset += 1 << 20;
+    }
+    let seq_read = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    offset = 0;
+    while offset < whole {
+        file.write_all_at(&buf, offset).map_err(|e| e.to_string())?;
+        offset += 1 << 20;
+    }
+    let seq_write = t.elapsed().as_secs_f64();
+    let blocks = total / 4096;
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let t = Instant::now();
+    for _ in 0..ops {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        file.read_exact_at(&mut buf[..4096], (x % blocks) * 4096).map_err(|e| e.to_string())?;
+    }
+    Ok((seq_read, seq_write, t.elapsed().as_secs_f64()))
+}
+
+fn guest_cycles(serial: &str, what: &str) -> Result<f64, String> {
+    serial
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("diskbench: {what} ")))
+        .and_then(|l| l.split(" in ").nth(1))
+        .and_then(|l| l.split(' ').next())
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no {what} result in the guest's output: {serial}"))
+}
+
+fn disk(size_mib: u64, ops: u64) -> Result<(), String> {
+    let tsc = tsc_per_us() * 1e6;
+    let exe = self_exe()?;
+    println!(
+        "disk: virtio-blk (virtio-mmio, ioeventfd + worker thread) vs the host on the same file,"
+    );
+    println!("      {size_mib} MiB image, 1 request in flight (QD1); MiB/s and IOPS, ratio = guest / host");
+    for dir in ["/dev/shm", "/var/tmp"] {
+        let path = std::path::Path::new(dir)
+            .join(format!("vanguard-bench-disk-{}.img", std::process::id()));
+        let file = std::fs::File::create(&path)
+            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        file.set_len(size_mib << 20).map_err(|e| e.to_string())?;
+        drop(file);
+        // Fill it, so neither side reads holes, and warm the page cache the same for both.
+        host_disk_pass(&path, 0)?;
+        let out = Command::new(&exe)
+            .args(["run", "--cmdline", &format!("diskbench={ops}"), "--memory", "256M"])
+            .arg("--disk")
+            .arg(format!("path={}", path.display()))
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
+        let serial = String::from_utf8_lossy(&out.stdout).to_string();
+        let host = host_disk_pass(&path, ops);
+        let _ = std::fs::remove_file(&path);
+        let (h_read, h_write, h_rand) = host?;
+        let bytes = (size_mib << 20) as f64;
+        let g_read = guest_cycles(&serial, "seqread")? / tsc;
+        let g_write = guest_cycles(&serial, "seqwrite")? / tsc;
+        let g_rand = guest_cycles(&serial, "randread4k")? / tsc;
+        let mibs = |secs: f64| bytes / secs / (1 << 20) as f64;
+        let iops = |secs: f64| ops as f64 / secs;
+        println!("  {dir}:");
+        println!(
+            "    seq read 1 MiB   guest {:8.0} MiB/s   host {:8.0} MiB/s   ratio {:.2}",
+            mibs(g_read),
+            mibs(h_read),
+            h_read / g_read
+        );
+        println!(
+            "    seq write 1 MiB  guest {:8.0} MiB/s   host {:8.0} MiB/s   ratio {:.2}",
+            mibs(g_write),
+            mibs(h_write),
+            h_write / g_write
+        );
+        println!(
+            "    rand read 4 KiB  guest {:8.0} IOPS    host {:8.0} IOPS    ratio {:.2}",
+            iops(g_rand),
+            iops(h_rand),
+            h_rand / g_rand
+        );
+    }
+    Ok(())
 }

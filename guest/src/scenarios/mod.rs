@@ -27,6 +27,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("mem", mem::run),
     ("disk", disk::run),
     ("diskwrite", disk::run_write),
+    ("diskbench", disk::run_bench),
     ("echo", echo::run),
     ("exit", exit::run),
     ("pio", pio::run),
