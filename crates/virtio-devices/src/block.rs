@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 /// The virtio device ID of a block device.
@@ -48,6 +48,26 @@ const CHUNK: usize = 128 * 1024;
 const SEG_MAX: u32 = 128;
 /// Largest discard/write-zeroes range, in sectors (1 GiB).
 const MAX_ZERO_SECTORS: u32 = 1 << 21;
+
+/// A bounce buffer for moving `len` bytes: at most `CHUNK`, never sized by the guest alone.
+fn bounce_buffer(len: u64) -> Vec<u8> {
+    vec![0u8; CHUNK.min(usize::try_from(len).unwrap_or(CHUNK))]
+}
+
+/// Calls `step(done, n)` for consecutive pieces of at most `chunk` bytes covering `len`.
+fn in_chunks(
+    len: u64,
+    chunk: usize,
+    mut step: impl FnMut(u64, usize) -> Result<(), RequestError>,
+) -> Result<(), RequestError> {
+    let mut done = 0u64;
+    while done < len {
+        let n = usize::try_from((len - done).min(chunk as u64)).unwrap_or(chunk);
+        step(done, n)?;
+        done += n as u64;
+    }
+    Ok(())
+}
 
 /// Errors opening a disk.
 #[derive(Debug, thiserror::Error)]
@@ -138,15 +158,11 @@ impl Block {
     }
 
     fn read_into<W: Write>(&self, offset: u64, len: u64, out: &mut W) -> Result<(), RequestError> {
-        let mut buf = vec![0u8; CHUNK.min(usize::try_from(len).unwrap_or(CHUNK))];
-        let mut done = 0u64;
-        while done < len {
-            let n = usize::try_from((len - done).min(buf.len() as u64)).unwrap_or(buf.len());
+        let mut buf = bounce_buffer(len);
+        in_chunks(len, buf.len(), |done, n| {
             self.file.read_exact_at(&mut buf[..n], offset + done).map_err(|_| RequestError::Io)?;
-            out.write_all(&buf[..n]).map_err(|_| RequestError::Io)?;
-            done += n as u64;
-        }
-        Ok(())
+            out.write_all(&buf[..n]).map_err(|_| RequestError::Io)
+        })
     }
 
     fn write_from<R: Read>(
@@ -155,15 +171,11 @@ impl Block {
         len: u64,
         input: &mut R,
     ) -> Result<(), RequestError> {
-        let mut buf = vec![0u8; CHUNK.min(usize::try_from(len).unwrap_or(CHUNK))];
-        let mut done = 0u64;
-        while done < len {
-            let n = usize::try_from((len - done).min(buf.len() as u64)).unwrap_or(buf.len());
+        let mut buf = bounce_buffer(len);
+        in_chunks(len, buf.len(), |done, n| {
             input.read_exact(&mut buf[..n]).map_err(|_| RequestError::Io)?;
-            self.file.write_all_at(&buf[..n], offset + done).map_err(|_| RequestError::Io)?;
-            done += n as u64;
-        }
-        Ok(())
+            self.file.write_all_at(&buf[..n], offset + done).map_err(|_| RequestError::Io)
+        })
     }
 
     /// Zeroes (and, where the file system can, deallocates) a byte range.
@@ -179,14 +191,10 @@ impl Block {
             return Ok(());
         }
         // File systems without hole punching: write zeros.
-        let zeros = vec![0u8; CHUNK.min(usize::try_from(len).unwrap_or(CHUNK))];
-        let mut done = 0u64;
-        while done < len {
-            let n = usize::try_from((len - done).min(zeros.len() as u64)).unwrap_or(zeros.len());
-            self.file.write_all_at(&zeros[..n], offset + done).map_err(|_| RequestError::Io)?;
-            done += n as u64;
-        }
-        Ok(())
+        let zeros = bounce_buffer(len);
+        in_chunks(len, zeros.len(), |done, n| {
+            self.file.write_all_at(&zeros[..n], offset + done).map_err(|_| RequestError::Io)
+        })
     }
 
     /// Serves one request of `kind` at `sector`: `readable` bytes of payload follow the
@@ -293,11 +301,7 @@ impl VirtioDevice for Block {
         index: u16,
         queue: &mut Queue,
     ) -> Result<bool, DeviceError> {
-        let queue_err =
-            |e: virtio_queue::Error| DeviceError::Queue { queue: index, reason: e.to_string() };
-        let mut used_any = false;
-        while let Some(chain) = queue.iter(mem).map_err(queue_err)?.next() {
-            let head = chain.head_index();
+        crate::drain_queue(mem, index, queue, |chain| {
             if let Some(limiter) = &mut self.limiter {
                 let bytes =
                     chain.clone().fold(0u64, |sum, d| sum.saturating_add(u64::from(d.len())));
@@ -308,15 +312,11 @@ impl VirtioDevice for Block {
                     });
                 if !allowed {
                     // Leave the request on the ring; the limiter's timer brings the worker back.
-                    queue.go_to_previous_position();
-                    break;
+                    return None;
                 }
             }
-            let used_len = self.handle_chain(mem, chain);
-            queue.add_used(mem, head, used_len).map_err(queue_err)?;
-            used_any = true;
-        }
-        Ok(used_any)
+            Some(self.handle_chain(mem, chain))
+        })
     }
 }
 

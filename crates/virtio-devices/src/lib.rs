@@ -83,5 +83,31 @@ pub trait VirtioDevice: Send {
     fn timer_fired(&mut self) {}
 }
 
+/// Serves every chain available on `queue`: `serve` handles one and returns the length it
+/// wrote to the chain's device-writable buffers, which goes back to the driver in the used
+/// ring; `None` leaves the chain on the ring for later and stops (a rate limiter said wait).
+/// Returns whether any chain was used, so the transport knows to interrupt the driver.
+pub fn drain_queue(
+    mem: &GuestMemoryMmap,
+    index: u16,
+    queue: &mut Queue,
+    mut serve: impl FnMut(virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> Option<u32>,
+) -> Result<bool, DeviceError> {
+    use virtio_queue::{QueueOwnedT, QueueT};
+    let queue_err =
+        |e: virtio_queue::Error| DeviceError::Queue { queue: index, reason: e.to_string() };
+    let mut used_any = false;
+    while let Some(chain) = queue.iter(mem).map_err(queue_err)?.next() {
+        let head = chain.head_index();
+        let Some(used_len) = serve(chain) else {
+            queue.go_to_previous_position();
+            break;
+        };
+        queue.add_used(mem, head, used_len).map_err(queue_err)?;
+        used_any = true;
+    }
+    Ok(used_any)
+}
+
 /// A shared, lockable device.
 pub type SharedDevice = Arc<std::sync::Mutex<dyn VirtioDevice>>;

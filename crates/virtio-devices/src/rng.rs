@@ -3,7 +3,7 @@
 
 use crate::{DeviceError, VirtioDevice, VIRTIO_F_VERSION_1};
 use std::io::Write;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 /// The virtio device ID of an entropy source.
@@ -14,10 +14,17 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// The entropy device.
-#[derive(Default)]
 pub struct Rng {
     /// Bytes handed to the guest so far.
     pub bytes_served: u64,
+    /// Where getrandom writes before the bytes go to the guest; allocated once.
+    random: Box<[u8]>,
+}
+
+impl Default for Rng {
+    fn default() -> Self {
+        Rng { bytes_served: 0, random: vec![0u8; MAX_REQUEST_BYTES].into_boxed_slice() }
+    }
 }
 
 fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
@@ -57,12 +64,8 @@ impl VirtioDevice for Rng {
         index: u16,
         queue: &mut Queue,
     ) -> Result<bool, DeviceError> {
-        let queue_err =
-            |e: virtio_queue::Error| DeviceError::Queue { queue: index, reason: e.to_string() };
-        let mut used_any = false;
-        let mut random = vec![0u8; MAX_REQUEST_BYTES];
-        while let Some(chain) = queue.iter(mem).map_err(queue_err)?.next() {
-            let head = chain.head_index();
+        let (random, bytes_served) = (&mut self.random, &mut self.bytes_served);
+        crate::drain_queue(mem, index, queue, |chain| {
             // A chain the device cannot write (read-only buffers, addresses outside guest
             // memory, lengths that overflow) is returned with nothing written.
             let written = match chain.writer(mem) {
@@ -75,12 +78,9 @@ impl VirtioDevice for Rng {
                 }
                 Err(_) => 0,
             };
-            self.bytes_served += written as u64;
-            let len = u32::try_from(written).unwrap_or(0);
-            queue.add_used(mem, head, len).map_err(queue_err)?;
-            used_any = true;
-        }
-        Ok(used_any)
+            *bytes_served += written as u64;
+            Some(u32::try_from(written).unwrap_or(0))
+        })
     }
 }
 
