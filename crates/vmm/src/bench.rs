@@ -14,8 +14,7 @@ use kvm_ioctls::VcpuExit;
 pub fn bare_exit_loop(config: &VmConfig) -> Result<Vec<u8>, VmmError> {
     let built = Vm::build(config)?;
     let cpu = 0;
-    let vcpu =
-        built.vm.create_vcpu(0).map_err(|source| VmmError::Kvm { what: "create vCPU", source })?;
+    let vcpu = built.vm.create_vcpu(0).map_err(crate::vm::kvm_call("create vCPU"))?;
     vcpu::configure(&vcpu, cpu, built.cpuid.clone(), 1, Some(&built.boot))?;
     let mut vcpu = vcpu;
     let mut serial = Vec::new();

@@ -126,7 +126,7 @@ fn check_elf_segments<F: Read + Seek>(
     if usize::from(phentsize) < 56 {
         return Err(truncated(name, format!("ELF program header size {phentsize} is too small")));
     }
-    let table_end = u64::from(phentsize)
+    u64::from(phentsize)
         .checked_mul(u64::from(phnum))
         .and_then(|len| len.checked_add(phoff))
         .filter(|end| *end <= image_len)
@@ -136,7 +136,6 @@ fn check_elf_segments<F: Read + Seek>(
                 format!("ELF program headers lie beyond the end of the {image_len}-byte file"),
             )
         })?;
-    let _ = table_end;
     let mut highest = 0u64;
     for i in 0..u64::from(phnum) {
         let mut ph = [0u8; 56];

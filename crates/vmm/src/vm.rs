@@ -30,6 +30,11 @@ pub enum VmOutcome {
     ConsoleQuit,
 }
 
+/// Maps a failed VM-level KVM call to an error naming what was being done.
+pub(crate) fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+    move |source| VmmError::Kvm { what, source }
+}
+
 /// The environment variable that points Vanguard at another KVM device node (for tests).
 pub const KVM_DEVICE_ENV: &str = "VANGUARD_KVM_DEVICE";
 
@@ -186,10 +191,7 @@ impl Vm {
                 max: u32::try_from(max_cpus).unwrap_or(254),
             });
         }
-        let vm = Arc::new(
-            kvm.create_vm().map_err(|source| VmmError::Kvm { what: "create VM", source })?,
-        );
-        let kvm_call = |what| move |source| VmmError::Kvm { what, source };
+        let vm = Arc::new(kvm.create_vm().map_err(kvm_call("create VM"))?);
         // Memory goes in before the irqchip and PIT exist: after that, every memslot change
         // waits for an SRCU grace period (measured here: 4.5 ms instead of 0.09 ms), which
         // would dominate boot time.
@@ -359,7 +361,6 @@ impl Vm {
 
     fn run_built(config: &VmConfig, built: BuiltVm) -> Result<VmOutcome, VmmError> {
         let BuiltVm { vm, mem, pio, mmio, boot, cpuid, power } = built;
-        let kvm_call = |what| move |source| VmmError::Kvm { what, source };
         // vCPUs, each configured and run on its own thread.
         install_kick_handler();
         let stop = Arc::new(AtomicBool::new(false));
