@@ -143,6 +143,7 @@ pub fn run(info: &BootInfo, _arg: Option<&str>) -> bool {
         let sectors = u64::from(dev.config32(0)) | (u64::from(dev.config32(4)) << 32);
         let total = sectors * 512;
         let mut md5 = Md5::new();
+        let start = crate::io::rdtsc();
         let mut done = 0u64;
         while done < total {
             let len = (total - done).min(CHUNK as u64) as usize;
@@ -170,6 +171,7 @@ pub fn run(info: &BootInfo, _arg: Option<&str>) -> bool {
         let digest = md5.hex();
         println!("disk{n} md5 {}", core::str::from_utf8(&digest).unwrap_or("?"));
         println!("disk{n}: {sectors} sectors");
+        println!("disk{n}: read in {} cycles", crate::io::rdtsc() - start);
         n += 1;
     }
     if n == 0 {
