@@ -58,6 +58,11 @@ pub fn pattern(offset: u64) -> u8 {
     (offset ^ (offset >> 9) ^ 0xa5) as u8
 }
 
+/// The disk's capacity in 512-byte sectors (config space offset 0, 64 bits).
+fn sectors(dev: &Device) -> u64 {
+    u64::from(dev.config32(0)) | (u64::from(dev.config32(4)) << 32)
+}
+
 fn data() -> &'static mut [u8; BUFFER] {
     // SAFETY: the boot vCPU alone uses the buffer, and not while a request is in flight.
     unsafe { &mut (*core::ptr::addr_of_mut!(DATA)).0 }
@@ -72,7 +77,7 @@ pub fn run_write(info: &BootInfo, arg: Option<&str>) -> bool {
     let mut ok = true;
     let mut n = 0;
     while let Ok(mut dev) = Device::open_nth(info, VIRTIO_ID_BLOCK, n) {
-        let total = (u64::from(dev.config32(0)) | (u64::from(dev.config32(4)) << 32)) * 512;
+        let total = sectors(&dev) * 512;
         let len_total = size.min(total) & !511;
         let mut done = 0u64;
         let mut failure = None;
@@ -140,7 +145,7 @@ pub fn run(info: &BootInfo, _arg: Option<&str>) -> bool {
     let mut ok = true;
     let mut n = 0;
     while let Ok(mut dev) = Device::open_nth(info, VIRTIO_ID_BLOCK, n) {
-        let sectors = u64::from(dev.config32(0)) | (u64::from(dev.config32(4)) << 32);
+        let sectors = sectors(&dev);
         let total = sectors * 512;
         let mut md5 = Md5::new();
         let start = crate::io::rdtsc();
@@ -190,7 +195,7 @@ pub fn run_bench(info: &BootInfo, arg: Option<&str>) -> bool {
         println!("diskbench: FAILED: no virtio-blk device on the command line");
         return false;
     };
-    let total = (u64::from(dev.config32(0)) | (u64::from(dev.config32(4)) << 32)) * 512;
+    let total = sectors(&dev) * 512;
     let mib = BUFFER as u64;
     let whole = total / mib * mib;
     if whole == 0 {
