@@ -82,3 +82,22 @@ pub const VIRTIO_MMIO_MAX_DEVICES: usize = 8;
 
 /// Smallest guest memory size accepted.
 pub const MIN_MEMORY: u64 = 16 << 20;
+
+/// PCI (virtio-pci, the default transport): one host bridge, segment 0, bus 0 only.
+/// BARs are assigned by the VMM inside this 32-bit window (below the virtio-mmio windows).
+pub const PCI_MMIO_START: u64 = 0xc000_0000;
+/// Size of the window BARs are placed in.
+pub const PCI_MMIO_SIZE: u64 = 0x1000_0000;
+/// The PCI Express enhanced configuration (ECAM) window: 4 KiB per function, bus 0 only,
+/// described to the guest by the MCFG table.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+/// Size of the ECAM window (bus 0: 32 devices x 8 functions x 4 KiB).
+pub const PCI_ECAM_SIZE: u64 = 0x10_0000;
+/// Last bus number behind the host bridge.
+pub const PCI_BUS_END: u8 = 0;
+/// The legacy configuration mechanism #1: CONFIG_ADDRESS at 0xcf8, CONFIG_DATA at 0xcfc.
+pub const PCI_CONFIG_PORT: u16 = 0xcf8;
+/// Ports used by the legacy configuration mechanism (0xcf8..=0xcff).
+pub const PCI_CONFIG_PORT_LEN: u16 = 8;
+/// First GSI handed out for MSI-X vectors (after the 24 IOAPIC pins).
+pub const MSI_GSI_START: u32 = 24;
