@@ -59,14 +59,27 @@ struct RunArgs {
     /// Attach the boot-timer port (0x440) and report when the guest writes to it.
     #[arg(long)]
     boot_timer: bool,
-    /// Attach a virtio-rng entropy device (virtio-mmio, fed by the host's getrandom).
+    /// Attach a virtio-rng entropy device (fed by the host's getrandom).
     #[arg(long)]
     rng: bool,
+    /// How virtio devices are attached: pci (virtio-pci on a PCI host bridge, with MSI-X) or
+    /// mmio (virtio-mmio windows, at most 8 devices).
+    #[arg(long, value_enum, default_value_t = Transport::Pci)]
+    virtio_transport: Transport,
     /// Attach a virtio-blk disk: path=FILE[,readonly=on|off][,serial=ID][,bandwidth=SIZE[/PERIOD]]
     /// [,bandwidth_burst=SIZE][,ops=N[/PERIOD]][,ops_burst=N]; repeat for more disks (the
     /// guest numbers them in this order).
     #[arg(long, value_parser = parse_disk)]
     disk: Vec<vmm::DiskConfig>,
+}
+
+/// The `--virtio-transport` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Transport {
+    /// virtio-pci (modern).
+    Pci,
+    /// virtio-mmio (version 2).
+    Mmio,
 }
 
 fn parse_disk(s: &str) -> Result<vmm::DiskConfig, String> {
@@ -137,6 +150,10 @@ fn run(args: RunArgs, start: Instant) -> Result<VmOutcome, vmm::VmmError> {
     config.debug_exit = args.debug_exit;
     config.boot_timer = args.boot_timer;
     config.rng = args.rng;
+    config.virtio_transport = match args.virtio_transport {
+        Transport::Pci => vmm::VirtioTransport::Pci,
+        Transport::Mmio => vmm::VirtioTransport::Mmio,
+    };
     config.disks = args.disk;
     config.start_time = start;
     // Raw mode only for a console on a terminal; restored when `_raw` drops.

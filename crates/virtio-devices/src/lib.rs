@@ -9,7 +9,9 @@
 
 pub mod block;
 pub mod mmio;
+pub mod pci;
 pub mod rng;
+pub mod transport;
 
 use std::sync::Arc;
 use virtio_queue::Queue;

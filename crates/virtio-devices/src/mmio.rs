@@ -1,21 +1,16 @@
 //! The virtio-mmio transport, version 2 (virtio 1.2, section 4.2): a 0x200-byte register
-//! window per device. The driver's writes are checked here — feature negotiation, queue
-//! sizes and addresses, the status state machine — before the device model sees anything.
-//!
-//! With a [`NotifyRegistrar`] (the VMM's KVM ioeventfds), DRIVER_OK starts a worker thread
-//! for the device: each queue's notification is an eventfd the vCPU signals without leaving
-//! the kernel, and the worker serves the queue and raises the interrupt (an irqfd), so a
-//! request costs no exit to userspace. A reset stops the worker before anything changes.
+//! window per device, one interrupt line, and an interrupt status register. Negotiation,
+//! queue checks and the worker live in [`crate::transport::VirtioCore`]; this module decodes
+//! the registers.
 
-use crate::{status, VirtioDevice, VIRTIO_F_VERSION_1};
-use devices::bus::lock;
+pub use crate::transport::NotifyRegistrar;
+use crate::transport::{Interrupt, VirtioCore};
+use crate::VirtioDevice;
 use devices::{BusDevice, SharedIrq, VmAction};
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
-use virtio_queue::{Queue, QueueT};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
 /// Size of a device's register window.
 pub const MMIO_WINDOW: u64 = 0x200;
@@ -54,386 +49,114 @@ pub const INT_USED_BUFFER: u32 = 1;
 /// Interrupt status: the configuration (or device status) changed.
 pub const INT_CONFIG_CHANGE: u32 = 2;
 
-/// Registers the eventfd that KVM signals when the guest writes `datamatch` to `addr`
-/// (the QueueNotify register), instead of exiting to userspace.
-pub trait NotifyRegistrar: Send + Sync {
-    /// Starts routing the writes to `fd`.
-    fn register(&self, addr: u64, datamatch: u32, fd: &EventFd) -> std::io::Result<()>;
-    /// Stops it.
-    fn unregister(&self, addr: u64, datamatch: u32, fd: &EventFd) -> std::io::Result<()>;
-}
-
-/// What the transport and the device's worker thread share.
-struct Shared {
-    device: Box<dyn VirtioDevice>,
-    queues: Vec<Queue>,
-}
-
-/// State the worker updates and the transport reads.
-struct Signals {
+/// The interrupt status register and the line behind it.
+struct MmioInterrupt {
     irq: SharedIrq,
-    interrupt_status: AtomicU32,
-    needs_reset: AtomicBool,
+    status: AtomicU32,
 }
 
-impl Signals {
-    fn interrupt(&self, why: u32) {
-        self.interrupt_status.fetch_or(why, Ordering::AcqRel);
+impl MmioInterrupt {
+    fn raise(&self, why: u32) {
+        self.status.fetch_or(why, Ordering::AcqRel);
         // A lost interrupt shows up as a stalled driver; there is no one to tell here.
         let _ = self.irq.trigger();
     }
 }
 
-/// Serves one queue notification: the device processes the queue, then the driver is told.
-fn serve(shared: &Mutex<Shared>, signals: &Signals, mem: &GuestMemoryMmap, index: u16) {
-    let mut guard = lock(shared);
-    let Shared { device, queues } = &mut *guard;
-    let Some(queue) = queues.get_mut(usize::from(index)) else { return };
-    if !queue.ready() || signals.needs_reset.load(Ordering::Acquire) {
-        return;
+impl Interrupt for MmioInterrupt {
+    fn queue(&self, _index: u16) {
+        self.raise(INT_USED_BUFFER);
     }
-    match device.process_queue(mem, index, queue) {
-        Ok(true) => signals.interrupt(INT_USED_BUFFER),
-        Ok(false) => {}
-        Err(_) => {
-            signals.needs_reset.store(true, Ordering::Release);
-            signals.interrupt(INT_CONFIG_CHANGE);
-        }
-    }
-}
-
-/// The device's thread while the driver runs it.
-struct Worker {
-    stop: EventFd,
-    notifiers: Vec<EventFd>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-fn worker_loop(
-    shared: Arc<Mutex<Shared>>,
-    signals: Arc<Signals>,
-    mem: GuestMemoryMmap,
-    stop: EventFd,
-    notifiers: Vec<EventFd>,
-) {
-    let mut fds: Vec<libc::pollfd> = std::iter::once(&stop)
-        .chain(&notifiers)
-        .map(|e| libc::pollfd { fd: e.as_raw_fd(), events: libc::POLLIN, revents: 0 })
-        .collect();
-    // The device's own timer (a rate limiter), if any, is polled last.
-    let timer = lock(&shared).device.timer_fd();
-    if let Some(fd) = timer {
-        fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
-    }
-    let queue_count = notifiers.len();
-    loop {
-        let nfds = libc::nfds_t::try_from(fds.len()).unwrap_or(0);
-        // SAFETY: `fds` is a valid array of `nfds` pollfd structures for the duration.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), nfds, -1) };
-        if ready < 0 {
-            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return;
-        }
-        if fds[0].revents != 0 {
-            return;
-        }
-        if timer.is_some() && fds[queue_count + 1].revents & libc::POLLIN != 0 {
-            lock(&shared).device.timer_fired();
-            for index in 0..queue_count {
-                if let Ok(index) = u16::try_from(index) {
-                    serve(&shared, &signals, &mem, index);
-                }
-            }
-        }
-        for (i, pfd) in fds.iter().enumerate().skip(1).take(queue_count) {
-            if pfd.revents & libc::POLLIN != 0 {
-                // Reading clears the count; several notifications are served as one pass.
-                let _ = notifiers[i - 1].read();
-                if let Ok(index) = u16::try_from(i - 1) {
-                    serve(&shared, &signals, &mem, index);
-                }
-            }
-        }
+    fn config(&self) {
+        self.raise(INT_CONFIG_CHANGE);
     }
 }
 
 /// One virtio device on the MMIO bus.
 pub struct MmioTransport {
-    shared: Arc<Mutex<Shared>>,
-    signals: Arc<Signals>,
-    mem: GuestMemoryMmap,
-    notifier: Option<(Arc<dyn NotifyRegistrar>, u64)>,
-    worker: Option<Worker>,
-    queue_select: u32,
-    device_features_select: u32,
-    driver_features_select: u32,
-    driver_features: u64,
-    status: u32,
-    config_generation: u32,
-    /// The driver wrote a queue size the queue refused; DRIVER_OK will fail until reset.
-    bad_queue_config: bool,
+    core: VirtioCore,
+    interrupt: Arc<MmioInterrupt>,
 }
 
 impl MmioTransport {
     /// Wraps `device`, which will raise `irq` and reach the guest's memory through `mem`.
     /// Notifications are served on the thread that writes QueueNotify.
     pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, irq: SharedIrq) -> Self {
-        let queues = Self::fresh_queues(device.as_ref());
-        Self {
-            shared: Arc::new(Mutex::new(Shared { device, queues })),
-            signals: Arc::new(Signals {
-                irq,
-                interrupt_status: AtomicU32::new(0),
-                needs_reset: AtomicBool::new(false),
-            }),
-            mem,
-            notifier: None,
-            worker: None,
-            queue_select: 0,
-            device_features_select: 0,
-            driver_features_select: 0,
-            driver_features: 0,
-            status: 0,
-            config_generation: 0,
-            bad_queue_config: false,
-        }
+        let interrupt = Arc::new(MmioInterrupt { irq, status: AtomicU32::new(0) });
+        Self { core: VirtioCore::new(device, mem, interrupt.clone()), interrupt }
     }
 
     /// Serves notifications on a worker thread through eventfds that `registrar` attaches to
-    /// this device's QueueNotify register at guest address `base + 0x50`.
+    /// this device's QueueNotify register at guest address `base + 0x50`, one per queue
+    /// (matching the queue index written).
     pub fn with_notifier(mut self, registrar: Arc<dyn NotifyRegistrar>, base: u64) -> Self {
-        self.notifier = Some((registrar, base + QUEUE_NOTIFY));
+        let count = u32::try_from(self.core.queue_count()).unwrap_or(0);
+        let addresses = (0..count).map(|i| (base + QUEUE_NOTIFY, Some(i))).collect();
+        self.core.set_notifier(registrar, addresses);
         self
-    }
-
-    fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
-        device.queue_max_sizes().iter().filter_map(|size| Queue::new(*size).ok()).collect()
     }
 
     /// The driver-visible status register.
     pub fn status(&self) -> u32 {
-        if self.signals.needs_reset.load(Ordering::Acquire) {
-            self.status | status::DEVICE_NEEDS_RESET
-        } else {
-            self.status
-        }
-    }
-
-    /// Stops the worker (if any) and detaches its eventfds.
-    fn stop_worker(&mut self) {
-        let Some(mut worker) = self.worker.take() else { return };
-        let _ = worker.stop.write(1);
-        if let Some(thread) = worker.thread.take() {
-            let _ = thread.join();
-        }
-        if let Some((registrar, addr)) = &self.notifier {
-            for (i, fd) in worker.notifiers.iter().enumerate() {
-                let _ = registrar.unregister(*addr, u32::try_from(i).unwrap_or(0), fd);
-            }
-        }
-    }
-
-    /// Starts the worker; on any failure notifications stay on the vCPU thread.
-    fn start_worker(&mut self) {
-        let Some((registrar, addr)) = self.notifier.clone() else { return };
-        let count = lock(&self.shared).queues.len();
-        let mut notifiers = Vec::with_capacity(count);
-        for i in 0..count {
-            let Ok(fd) = EventFd::new(libc::EFD_NONBLOCK) else { break };
-            if registrar.register(addr, u32::try_from(i).unwrap_or(0), &fd).is_err() {
-                break;
-            }
-            notifiers.push(fd);
-        }
-        let stop = EventFd::new(libc::EFD_NONBLOCK);
-        let clones: Option<Vec<EventFd>> = notifiers.iter().map(|f| f.try_clone().ok()).collect();
-        let (Ok(stop), Some(clones), true) = (stop, clones, notifiers.len() == count) else {
-            for (i, fd) in notifiers.iter().enumerate() {
-                let _ = registrar.unregister(addr, u32::try_from(i).unwrap_or(0), fd);
-            }
-            return;
-        };
-        let Ok(stop_clone) = stop.try_clone() else { return };
-        let (shared, signals, mem) = (self.shared.clone(), self.signals.clone(), self.mem.clone());
-        let type_id = lock(&self.shared).device.device_type();
-        let thread = std::thread::Builder::new()
-            .name(format!("virtio-{type_id}"))
-            .spawn(move || worker_loop(shared, signals, mem, stop_clone, clones))
-            .ok();
-        if thread.is_none() {
-            for (i, fd) in notifiers.iter().enumerate() {
-                let _ = registrar.unregister(addr, u32::try_from(i).unwrap_or(0), fd);
-            }
-            return;
-        }
-        self.worker = Some(Worker { stop, notifiers, thread });
-    }
-
-    fn reset(&mut self) {
-        self.stop_worker();
-        {
-            let mut shared = lock(&self.shared);
-            shared.device.reset();
-            shared.queues = Self::fresh_queues(shared.device.as_ref());
-        }
-        self.queue_select = 0;
-        self.device_features_select = 0;
-        self.driver_features_select = 0;
-        self.driver_features = 0;
-        self.status = 0;
-        self.signals.interrupt_status.store(0, Ordering::Release);
-        self.signals.needs_reset.store(false, Ordering::Release);
-        self.bad_queue_config = false;
-    }
-
-    fn needs_reset(&mut self) {
-        self.signals.needs_reset.store(true, Ordering::Release);
-        self.signals.interrupt(INT_CONFIG_CHANGE);
-    }
-
-    fn with_selected_queue<T>(&mut self, f: impl FnOnce(&mut Queue) -> T) -> Option<T> {
-        let index = usize::try_from(self.queue_select).ok()?;
-        let mut shared = lock(&self.shared);
-        shared.queues.get_mut(index).map(f)
-    }
-
-    fn set_status(&mut self, value: u32) {
-        if value == 0 {
-            self.reset();
-            return;
-        }
-        // Drivers only ever add bits (2.1.2); anything else is ignored.
-        if value & self.status != self.status {
-            return;
-        }
-        let added = value & !self.status;
-        let mut new = value & !status::DEVICE_NEEDS_RESET;
-        if added & status::FEATURES_OK != 0 {
-            let offered = lock(&self.shared).device.features();
-            let acceptable = self.driver_features & !offered == 0
-                && self.driver_features & VIRTIO_F_VERSION_1 != 0;
-            if !acceptable {
-                new &= !status::FEATURES_OK;
-            }
-        }
-        if added & status::DRIVER_OK != 0 {
-            let negotiated = new & status::FEATURES_OK != 0;
-            let queues_valid = {
-                let shared = lock(&self.shared);
-                shared.queues.iter().all(|q| !q.ready() || q.is_valid(&self.mem))
-            };
-            if !negotiated || !queues_valid || self.bad_queue_config {
-                self.status = new & !status::DRIVER_OK;
-                self.needs_reset();
-                return;
-            }
-            self.status = new;
-            self.start_worker();
-            return;
-        }
-        self.status = new;
-    }
-
-    fn notify(&mut self, index: u32) {
-        if self.status & status::DRIVER_OK == 0 {
-            return;
-        }
-        if let Ok(index) = u16::try_from(index) {
-            serve(&self.shared, &self.signals, &self.mem, index);
-        }
+        self.core.status()
     }
 
     fn read_register(&mut self, offset: u64) -> u32 {
         match offset {
             MAGIC_VALUE => MAGIC,
             VERSION => 2,
-            DEVICE_ID => lock(&self.shared).device.device_type(),
+            DEVICE_ID => self.core.device_type(),
             VENDOR_ID => VENDOR,
-            DEVICE_FEATURES => {
-                let features = lock(&self.shared).device.features();
-                match self.device_features_select {
-                    0 => (features & 0xffff_ffff) as u32,
-                    1 => (features >> 32) as u32,
-                    _ => 0,
-                }
+            DEVICE_FEATURES => self.core.device_features(),
+            QUEUE_NUM_MAX => {
+                self.core.with_selected_queue(|q| u32::from(q.max_size())).unwrap_or(0)
             }
-            QUEUE_NUM_MAX => self.with_selected_queue(|q| u32::from(q.max_size())).unwrap_or(0),
-            QUEUE_READY => self.with_selected_queue(|q| u32::from(q.ready())).unwrap_or(0),
-            INTERRUPT_STATUS => self.signals.interrupt_status.load(Ordering::Acquire),
-            STATUS => self.status(),
-            CONFIG_GENERATION => self.config_generation,
+            QUEUE_READY => self.core.with_selected_queue(|q| u32::from(q.ready())).unwrap_or(0),
+            INTERRUPT_STATUS => self.interrupt.status.load(Ordering::Acquire),
+            STATUS => self.core.status(),
+            CONFIG_GENERATION => self.core.config_generation(),
             _ => 0,
         }
     }
 
     fn write_register(&mut self, offset: u64, value: u32) {
-        // Queue layout may change only while the driver is setting the device up.
-        let configuring = self.status & status::DRIVER_OK == 0;
         match offset {
-            DEVICE_FEATURES_SEL => self.device_features_select = value,
-            DRIVER_FEATURES_SEL => self.driver_features_select = value,
-            DRIVER_FEATURES if self.status & status::FEATURES_OK == 0 => {
-                match self.driver_features_select {
-                    0 => {
-                        self.driver_features =
-                            (self.driver_features & !0xffff_ffff) | u64::from(value)
-                    }
-                    1 => {
-                        self.driver_features =
-                            (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
-                    }
-                    _ => {}
-                }
-            }
-            QUEUE_SEL => self.queue_select = value,
-            QUEUE_NUM if configuring => {
-                // Sizes that are zero, not a power of two or above the maximum are refused;
-                // DRIVER_OK then reports the device broken.
-                let accepted = u16::try_from(value)
-                    .ok()
-                    .and_then(|size| self.with_selected_queue(|q| q.try_set_size(size).is_ok()))
-                    .unwrap_or(false);
-                if !accepted {
-                    self.bad_queue_config = true;
-                }
-            }
-            QUEUE_READY if configuring => {
-                self.with_selected_queue(|q| q.set_ready(value == 1));
-            }
+            DEVICE_FEATURES_SEL => self.core.device_features_select = value,
+            DRIVER_FEATURES_SEL => self.core.driver_features_select = value,
+            DRIVER_FEATURES => self.core.set_driver_features(value),
+            QUEUE_SEL => self.core.queue_select = value,
+            QUEUE_NUM => self.core.set_queue_size(value),
+            QUEUE_READY => self.core.set_queue_ready(value == 1),
             QUEUE_DESC_LOW | QUEUE_DESC_HIGH | QUEUE_DRIVER_LOW | QUEUE_DRIVER_HIGH
-            | QUEUE_DEVICE_LOW | QUEUE_DEVICE_HIGH
-                if configuring =>
-            {
+            | QUEUE_DEVICE_LOW | QUEUE_DEVICE_HIGH => {
                 let high = offset & 4 != 0;
                 let (low, high) = if high { (None, Some(value)) } else { (Some(value), None) };
-                self.with_selected_queue(|q| match offset & !4 {
-                    QUEUE_DESC_LOW => q.set_desc_table_address(low, high),
-                    QUEUE_DRIVER_LOW => q.set_avail_ring_address(low, high),
-                    _ => q.set_used_ring_address(low, high),
-                });
+                let which = match offset & !4 {
+                    QUEUE_DESC_LOW => 0,
+                    QUEUE_DRIVER_LOW => 1,
+                    _ => 2,
+                };
+                self.core.set_queue_address(which, low, high);
             }
-            QUEUE_NOTIFY => self.notify(value),
+            QUEUE_NOTIFY => self.core.notify(value),
             INTERRUPT_ACK => {
-                self.signals.interrupt_status.fetch_and(!value, Ordering::AcqRel);
+                self.interrupt.status.fetch_and(!value, Ordering::AcqRel);
             }
-            STATUS => self.set_status(value),
+            STATUS => {
+                if value == 0 {
+                    self.interrupt.status.store(0, Ordering::Release);
+                }
+                self.core.set_status(value);
+            }
             _ => {}
         }
-    }
-}
-
-impl Drop for MmioTransport {
-    fn drop(&mut self) {
-        self.stop_worker();
     }
 }
 
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG {
-            lock(&self.shared).device.read_config(offset - CONFIG, data);
+            self.core.read_config(offset - CONFIG, data);
             return;
         }
         // Registers are 32 bits wide and must be read whole (4.2.2.2).
@@ -446,8 +169,7 @@ impl BusDevice for MmioTransport {
 
     fn write(&mut self, offset: u64, data: &[u8]) -> VmAction {
         if offset >= CONFIG {
-            lock(&self.shared).device.write_config(offset - CONFIG, data);
-            self.config_generation = self.config_generation.wrapping_add(1);
+            self.core.write_config(offset - CONFIG, data);
             return VmAction::None;
         }
         if let (Ok(bytes), true) = (<[u8; 4]>::try_from(data), offset.is_multiple_of(4)) {
@@ -462,9 +184,12 @@ impl BusDevice for MmioTransport {
 mod tests {
     use super::*;
     use crate::rng::Rng;
+    use crate::status;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
+    use vm_memory::GuestMemoryMmap;
     use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EventFd;
 
     #[derive(Default)]
     struct CountingIrq(AtomicUsize);
@@ -632,15 +357,20 @@ mod tests {
     /// Records what the transport registers, and lets the test play KVM's part.
     #[derive(Default)]
     struct Registrar {
-        registered: std::sync::Mutex<Vec<(u64, u32, EventFd)>>,
+        registered: std::sync::Mutex<Vec<(u64, Option<u32>, EventFd)>>,
         unregistered: AtomicUsize,
     }
     impl NotifyRegistrar for Registrar {
-        fn register(&self, addr: u64, datamatch: u32, fd: &EventFd) -> std::io::Result<()> {
+        fn register(&self, addr: u64, datamatch: Option<u32>, fd: &EventFd) -> std::io::Result<()> {
             self.registered.lock().unwrap().push((addr, datamatch, fd.try_clone()?));
             Ok(())
         }
-        fn unregister(&self, _addr: u64, _datamatch: u32, _fd: &EventFd) -> std::io::Result<()> {
+        fn unregister(
+            &self,
+            _addr: u64,
+            _datamatch: Option<u32>,
+            _fd: &EventFd,
+        ) -> std::io::Result<()> {
             self.unregistered.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
@@ -661,7 +391,7 @@ mod tests {
             assert_eq!(regs.len(), 1, "one eventfd per queue");
             (regs[0].0, regs[0].1)
         };
-        assert_eq!((addr, datamatch), (0xd000_0050, 0));
+        assert_eq!((addr, datamatch), (0xd000_0050, Some(0)));
         // Post a buffer without the MMIO notify, then signal as KVM would.
         let desc = [
             0x10_0000u64.to_le_bytes().as_slice(),

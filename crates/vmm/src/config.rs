@@ -62,10 +62,24 @@ pub struct VmConfig {
     pub start_time: Instant,
     /// Stdin is a terminal in raw mode: watch for the Ctrl-A x escape.
     pub interactive_console: bool,
-    /// Attach a virtio-rng device (virtio-mmio).
+    /// Attach a virtio-rng device.
     pub rng: bool,
+    /// How virtio devices are attached.
+    pub virtio_transport: VirtioTransport,
     /// virtio-blk disks, in the order the guest numbers them.
     pub disks: Vec<DiskConfig>,
+}
+
+/// How virtio devices reach the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VirtioTransport {
+    /// virtio-pci (modern) functions on a PCI host bridge, with MSI-X: what stock
+    /// distribution kernels expect. The default.
+    #[default]
+    Pci,
+    /// virtio-mmio windows described in ACPI and on the command line (one IOAPIC line each,
+    /// at most 8 devices).
+    Mmio,
 }
 
 /// One virtio-blk disk.
@@ -97,6 +111,7 @@ impl VmConfig {
             start_time: Instant::now(),
             interactive_console: false,
             rng: false,
+            virtio_transport: VirtioTransport::Pci,
             disks: Vec::new(),
         }
     }

@@ -5,12 +5,16 @@
 //! must also reach pin 2 for the table to be true.
 
 use crate::error::VmmError;
+use devices::bus::lock;
 use kvm_bindings::{
     kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_irqchip,
-    KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_IRQ_ROUTING_IRQCHIP,
+    kvm_irq_routing_msi, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
 };
 use kvm_ioctls::VmFd;
+use pci::msix::{MsiMessage, MsiRouter};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 /// Pins on the IOAPIC.
 pub const IOAPIC_PINS: u32 = 24;
@@ -46,12 +50,71 @@ pub fn legacy_routes() -> Vec<kvm_irq_routing_entry> {
     routes
 }
 
-/// Installs [`legacy_routes`].
-pub fn set_legacy_routing(vm: &VmFd) -> Result<(), VmmError> {
-    let routes = legacy_routes();
-    let table = KvmIrqRouting::from_entries(&routes)
-        .map_err(|_| VmmError::MissingCapability("an IRQ routing table of 24 pins"))?;
-    vm.set_gsi_routing(&table).map_err(|source| VmmError::Kvm { what: "set GSI routing", source })
+fn msi_route(gsi: u32, message: MsiMessage) -> kvm_irq_routing_entry {
+    kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_MSI,
+        u: kvm_irq_routing_entry__bindgen_ty_1 {
+            msi: kvm_irq_routing_msi {
+                address_lo: (message.address & 0xffff_ffff) as u32,
+                address_hi: (message.address >> 32) as u32,
+                data: message.data,
+                ..Default::default()
+            },
+        },
+        ..Default::default()
+    }
+}
+
+/// The VM's GSI routing table: [`legacy_routes`] plus one MSI route per programmed MSI-X
+/// vector. KVM replaces the whole table on every change, so the router keeps all of it.
+pub struct GsiRouter {
+    vm: Arc<VmFd>,
+    msi: Mutex<BTreeMap<u32, MsiMessage>>,
+}
+
+impl GsiRouter {
+    /// Installs the legacy routes.
+    pub fn new(vm: Arc<VmFd>) -> Result<Self, VmmError> {
+        let router = Self { vm, msi: Mutex::new(BTreeMap::new()) };
+        router.apply(&BTreeMap::new()).map_err(|e| match e.raw_os_error() {
+            Some(errno) => {
+                VmmError::Kvm { what: "set GSI routing", source: kvm_ioctls::Error::new(errno) }
+            }
+            None => VmmError::MissingCapability("an IRQ routing table of 24 pins"),
+        })?;
+        Ok(router)
+    }
+
+    fn apply(&self, msi: &BTreeMap<u32, MsiMessage>) -> std::io::Result<()> {
+        let mut routes = legacy_routes();
+        routes.extend(msi.iter().map(|(gsi, message)| msi_route(*gsi, *message)));
+        let table = KvmIrqRouting::from_entries(&routes)
+            .map_err(|e| std::io::Error::other(format!("GSI routing table: {e:?}")))?;
+        self.vm.set_gsi_routing(&table).map_err(std::io::Error::from)
+    }
+}
+
+impl MsiRouter for GsiRouter {
+    fn set_route(&self, gsi: u32, message: Option<MsiMessage>) -> std::io::Result<()> {
+        if gsi < IOAPIC_PINS {
+            return Err(std::io::Error::other(format!("GSI {gsi} is an IOAPIC pin, not MSI")));
+        }
+        let mut msi = lock(&self.msi);
+        let previous = match message {
+            Some(m) => msi.insert(gsi, m),
+            None => msi.remove(&gsi),
+        };
+        let result = self.apply(&msi);
+        if result.is_err() {
+            // Keep the table as KVM has it.
+            match previous {
+                Some(p) => msi.insert(gsi, p),
+                None => msi.remove(&gsi),
+            };
+        }
+        result
+    }
 }
 
 #[cfg(test)]

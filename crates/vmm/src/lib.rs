@@ -15,6 +15,6 @@ mod regs;
 mod vcpu;
 mod vm;
 
-pub use config::{DiskConfig, KernelImage, SerialOutput, VmConfig};
+pub use config::{DiskConfig, KernelImage, SerialOutput, VirtioTransport, VmConfig};
 pub use error::{GuestFailure, VmmError};
 pub use vm::{Vm, VmOutcome};

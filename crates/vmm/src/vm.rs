@@ -1,6 +1,6 @@
 //! Building a VM from its configuration and running it to the end.
 
-use crate::config::{SerialOutput, VmConfig};
+use crate::config::{SerialOutput, VirtioTransport, VmConfig};
 use crate::error::VmmError;
 use crate::kernel;
 use crate::memory;
@@ -63,16 +63,22 @@ impl IrqLine for EventFdIrq {
 /// signals the eventfd inside the kernel, with no exit to this process.
 struct IoEventRegistrar(Arc<VmFd>);
 
-impl virtio_devices::mmio::NotifyRegistrar for IoEventRegistrar {
-    fn register(&self, addr: u64, datamatch: u32, fd: &EventFd) -> std::io::Result<()> {
-        self.0
-            .register_ioevent(fd, &kvm_ioctls::IoEventAddress::Mmio(addr), datamatch)
-            .map_err(std::io::Error::from)
+impl virtio_devices::transport::NotifyRegistrar for IoEventRegistrar {
+    fn register(&self, addr: u64, datamatch: Option<u32>, fd: &EventFd) -> std::io::Result<()> {
+        let addr = kvm_ioctls::IoEventAddress::Mmio(addr);
+        match datamatch {
+            Some(value) => self.0.register_ioevent(fd, &addr, value),
+            None => self.0.register_ioevent(fd, &addr, kvm_ioctls::NoDatamatch),
+        }
+        .map_err(std::io::Error::from)
     }
-    fn unregister(&self, addr: u64, datamatch: u32, fd: &EventFd) -> std::io::Result<()> {
-        self.0
-            .unregister_ioevent(fd, &kvm_ioctls::IoEventAddress::Mmio(addr), datamatch)
-            .map_err(std::io::Error::from)
+    fn unregister(&self, addr: u64, datamatch: Option<u32>, fd: &EventFd) -> std::io::Result<()> {
+        let addr = kvm_ioctls::IoEventAddress::Mmio(addr);
+        match datamatch {
+            Some(value) => self.0.unregister_ioevent(fd, &addr, value),
+            None => self.0.unregister_ioevent(fd, &addr, kvm_ioctls::NoDatamatch),
+        }
+        .map_err(std::io::Error::from)
     }
 }
 
@@ -88,6 +94,41 @@ impl IrqLine for LineIrq {
     fn set_level(&self, high: bool) -> std::io::Result<()> {
         self.vm.set_irq_line(self.gsi, high).map_err(std::io::Error::from)
     }
+}
+
+/// Puts each virtio device on a PCI bus as a virtio-pci function: BAR 0 of device n at
+/// `PCI_MMIO_START + n * BAR_SIZE`, one MSI-X vector per queue plus one for configuration
+/// changes, each an irqfd on its own GSI (from `MSI_GSI_START`) whose route the guest's
+/// MSI-X programming sets.
+fn build_pci(
+    vm: &Arc<VmFd>,
+    mem: &vm_memory::GuestMemoryMmap,
+    router: &Arc<crate::irq::GsiRouter>,
+    virtio: Vec<Box<dyn virtio_devices::VirtioDevice>>,
+) -> Result<pci::PciRoot, VmmError> {
+    let pci_err =
+        |e: String| VmmError::Device { what: "virtio-pci", source: std::io::Error::other(e) };
+    let mut root = pci::PciRoot::new();
+    let mut gsi = MSI_GSI_START;
+    let registrar: Arc<dyn virtio_devices::transport::NotifyRegistrar> =
+        Arc::new(IoEventRegistrar(vm.clone()));
+    for (n, device) in virtio.into_iter().enumerate() {
+        let mut vectors = Vec::new();
+        for _ in 0..=device.queue_max_sizes().len() {
+            let irqfd = EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|source| VmmError::Device { what: "MSI-X vector", source })?;
+            vm.register_irqfd(&irqfd, gsi).map_err(kvm_call("register MSI-X irqfd"))?;
+            vectors.push(pci::msix::Vector { gsi, irqfd });
+            gsi += 1;
+        }
+        let msix = Arc::new(pci::msix::Msix::new(vectors, router.clone()));
+        let bar = PCI_MMIO_START + n as u64 * virtio_devices::pci::BAR_SIZE;
+        let function = virtio_devices::pci::VirtioPci::new(device, mem.clone(), msix, bar)
+            .map_err(|e| pci_err(e.to_string()))?
+            .with_notifier(registrar.clone());
+        root.add(Arc::new(Mutex::new(function))).map_err(|e| pci_err(e.to_string()))?;
+    }
+    Ok(root)
 }
 
 fn open_kvm() -> Result<Kvm, VmmError> {
@@ -204,13 +245,12 @@ impl Vm {
         vm.create_irq_chip().map_err(kvm_call("create irqchip"))?;
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         vm.create_pit2(pit).map_err(kvm_call("create PIT"))?;
-        crate::irq::set_legacy_routing(&vm)?;
+        let router = Arc::new(crate::irq::GsiRouter::new(vm.clone())?);
 
         // Kernel, initrd, command line, boot structures.
         let loaded = kernel::load_kernel(&mem, &config.kernel, config.memory)?;
         let header = loaded.result.setup_header;
-        // virtio-mmio devices: window n at VIRTIO_MMIO_START + n * stride, GSI 16 + n;
-        // described in ACPI and, for kernels that read it, on the command line.
+        // virtio devices, in the order the guest numbers them: disks, then entropy.
         let mut virtio: Vec<Box<dyn virtio_devices::VirtioDevice>> = Vec::new();
         for disk in &config.disks {
             let mut block =
@@ -223,15 +263,21 @@ impl Vm {
         if config.rng {
             virtio.push(Box::new(virtio_devices::rng::Rng::default()));
         }
-        if virtio.len() > VIRTIO_MMIO_MAX_DEVICES {
-            return Err(VmmError::TooManyDevices {
-                count: virtio.len(),
-                max: VIRTIO_MMIO_MAX_DEVICES,
-            });
+        let transport = config.virtio_transport;
+        let max_devices = match transport {
+            VirtioTransport::Mmio => VIRTIO_MMIO_MAX_DEVICES,
+            // Slot 0 is the host bridge.
+            VirtioTransport::Pci => pci::root::SLOTS - 1,
+        };
+        if virtio.len() > max_devices {
+            return Err(VmmError::TooManyDevices { count: virtio.len(), max: max_devices });
         }
+        // virtio-mmio: window n at VIRTIO_MMIO_START + n * stride, GSI 16 + n; described in
+        // ACPI and, for kernels that read it, on the command line.
         let mut virtio_info = Vec::new();
         let mut cmdline = config.cmdline.clone();
-        for n in 0..virtio.len().min(VIRTIO_MMIO_MAX_DEVICES) {
+        let mmio_count = if transport == VirtioTransport::Mmio { virtio.len() } else { 0 };
+        for n in 0..mmio_count {
             let base = VIRTIO_MMIO_START + VIRTIO_MMIO_STRIDE * n as u64;
             let gsi = VIRTIO_MMIO_GSI_BASE + u32::try_from(n).unwrap_or(0);
             let window = virtio_devices::mmio::MMIO_WINDOW;
@@ -260,6 +306,7 @@ impl Vm {
         let rsdp = arch::acpi::create_acpi_tables(&mem, &{
             let mut acpi = arch::acpi::AcpiConfig::new(config.cpus);
             acpi.virtio_mmio = virtio_info.clone();
+            //ACPI-PENDING acpi.pci = transport == VirtioTransport::Pci;
             acpi
         })
         .map_err(VmmError::Acpi)?;
@@ -332,8 +379,29 @@ impl Vm {
             )
             .map_err(bus_err("boot timer"))?;
         }
-        let pio = Arc::new(pio);
         let mut mmio = Bus::new();
+        if transport == VirtioTransport::Pci {
+            let root = Arc::new(build_pci(&vm, &mem, &router, std::mem::take(&mut virtio))?);
+            pio.insert(
+                Arc::new(Mutex::new(pci::root::ConfigIo::new(root.clone()))),
+                u64::from(PCI_CONFIG_PORT),
+                u64::from(PCI_CONFIG_PORT_LEN),
+            )
+            .map_err(bus_err("PCI configuration ports"))?;
+            mmio.insert(
+                Arc::new(Mutex::new(pci::root::ConfigMmio(root.clone()))),
+                PCI_ECAM_START,
+                PCI_ECAM_SIZE,
+            )
+            .map_err(bus_err("PCI ECAM"))?;
+            mmio.insert(
+                Arc::new(Mutex::new(pci::root::BarWindow::new(root, PCI_MMIO_START))),
+                PCI_MMIO_START,
+                PCI_MMIO_SIZE,
+            )
+            .map_err(bus_err("PCI BAR window"))?;
+        }
+        let pio = Arc::new(pio);
         for (device, info) in virtio.into_iter().zip(&virtio_info) {
             let evt = EventFd::new(libc::EFD_NONBLOCK)
                 .map_err(|source| VmmError::Device { what: "virtio interrupt", source })?;

@@ -1,0 +1,449 @@
+//! What every virtio transport shares: the device and its queues, the status state machine
+//! and feature negotiation (virtio 1.2, 2.1 and 3.1), and the worker thread that serves
+//! notifications. A transport ([`crate::mmio`], [`crate::pci`]) only decodes its registers
+//! into calls on [`VirtioCore`] and says how the driver is interrupted ([`Interrupt`]).
+//!
+//! With a [`NotifyRegistrar`] (the VMM's KVM ioeventfds), DRIVER_OK starts a worker thread
+//! for the device: each queue's notification is an eventfd the vCPU signals without leaving
+//! the kernel, and the worker serves the queue and raises the interrupt (an irqfd), so a
+//! request costs no exit to userspace. A reset stops the worker before anything changes.
+
+use crate::{status, VirtioDevice, VIRTIO_F_VERSION_1};
+use devices::bus::lock;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// How a transport tells the driver that something happened.
+pub trait Interrupt: Send + Sync {
+    /// Queue `index` has new used buffers.
+    fn queue(&self, index: u16);
+    /// The configuration changed, or the device needs a reset.
+    fn config(&self);
+}
+
+/// Registers the eventfd that KVM signals when the guest writes to a queue's notification
+/// address (with `datamatch`, only writes of that 32-bit value), instead of exiting.
+pub trait NotifyRegistrar: Send + Sync {
+    /// Starts routing the writes to `fd`.
+    fn register(&self, addr: u64, datamatch: Option<u32>, fd: &EventFd) -> std::io::Result<()>;
+    /// Stops it.
+    fn unregister(&self, addr: u64, datamatch: Option<u32>, fd: &EventFd) -> std::io::Result<()>;
+}
+
+/// Where the driver notifies one queue: an address and, for transports that share one
+/// address between queues, the value that names the queue.
+pub type NotifyAddress = (u64, Option<u32>);
+
+/// What the transport and the device's worker thread share.
+struct Shared {
+    device: Box<dyn VirtioDevice>,
+    queues: Vec<Queue>,
+}
+
+/// State the worker updates and the transport reads.
+struct Signals {
+    interrupt: Arc<dyn Interrupt>,
+    needs_reset: AtomicBool,
+}
+
+/// Serves one queue notification: the device processes the queue, then the driver is told.
+fn serve(shared: &Mutex<Shared>, signals: &Signals, mem: &GuestMemoryMmap, index: u16) {
+    let mut guard = lock(shared);
+    let Shared { device, queues } = &mut *guard;
+    let Some(queue) = queues.get_mut(usize::from(index)) else { return };
+    if !queue.ready() || signals.needs_reset.load(Ordering::Acquire) {
+        return;
+    }
+    match device.process_queue(mem, index, queue) {
+        Ok(true) => signals.interrupt.queue(index),
+        Ok(false) => {}
+        Err(_) => {
+            signals.needs_reset.store(true, Ordering::Release);
+            signals.interrupt.config();
+        }
+    }
+}
+
+/// The device's thread while the driver runs it.
+struct Worker {
+    stop: EventFd,
+    notifiers: Vec<EventFd>,
+    /// Where each notifier is registered.
+    addresses: Vec<NotifyAddress>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn worker_loop(
+    shared: Arc<Mutex<Shared>>,
+    signals: Arc<Signals>,
+    mem: GuestMemoryMmap,
+    stop: EventFd,
+    notifiers: Vec<EventFd>,
+) {
+    let mut fds: Vec<libc::pollfd> = std::iter::once(&stop)
+        .chain(&notifiers)
+        .map(|e| libc::pollfd { fd: e.as_raw_fd(), events: libc::POLLIN, revents: 0 })
+        .collect();
+    // The device's own timer (a rate limiter), if any, is polled last.
+    let timer = lock(&shared).device.timer_fd();
+    if let Some(fd) = timer {
+        fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+    }
+    let queue_count = notifiers.len();
+    loop {
+        let nfds = libc::nfds_t::try_from(fds.len()).unwrap_or(0);
+        // SAFETY: `fds` is a valid array of `nfds` pollfd structures for the duration.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), nfds, -1) };
+        if ready < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        if fds[0].revents != 0 {
+            return;
+        }
+        if timer.is_some() && fds[queue_count + 1].revents & libc::POLLIN != 0 {
+            lock(&shared).device.timer_fired();
+            for index in 0..queue_count {
+                if let Ok(index) = u16::try_from(index) {
+                    serve(&shared, &signals, &mem, index);
+                }
+            }
+        }
+        for (i, pfd) in fds.iter().enumerate().skip(1).take(queue_count) {
+            if pfd.revents & libc::POLLIN != 0 {
+                // Reading clears the count; several notifications are served as one pass.
+                let _ = notifiers[i - 1].read();
+                if let Ok(index) = u16::try_from(i - 1) {
+                    serve(&shared, &signals, &mem, index);
+                }
+            }
+        }
+    }
+}
+
+/// A device with its queues and the driver-visible state every transport has.
+pub struct VirtioCore {
+    shared: Arc<Mutex<Shared>>,
+    signals: Arc<Signals>,
+    mem: GuestMemoryMmap,
+    registrar: Option<Arc<dyn NotifyRegistrar>>,
+    notify_addresses: Vec<NotifyAddress>,
+    worker: Option<Worker>,
+    /// The queue the driver selected.
+    pub queue_select: u32,
+    /// Which 32 bits of the device features the driver reads.
+    pub device_features_select: u32,
+    /// Which 32 bits of the driver features the driver writes.
+    pub driver_features_select: u32,
+    driver_features: u64,
+    status: u32,
+    config_generation: u32,
+    /// The driver wrote a queue size the queue refused; DRIVER_OK will fail until reset.
+    bad_queue_config: bool,
+}
+
+impl VirtioCore {
+    /// Wraps `device`, which reaches the guest's memory through `mem` and tells the driver
+    /// through `interrupt`. Notifications are served on the caller's thread until
+    /// [`VirtioCore::set_notifier`] gives eventfds to a worker.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn Interrupt>,
+    ) -> Self {
+        let queues = fresh_queues(device.as_ref());
+        Self {
+            shared: Arc::new(Mutex::new(Shared { device, queues })),
+            signals: Arc::new(Signals { interrupt, needs_reset: AtomicBool::new(false) }),
+            mem,
+            registrar: None,
+            notify_addresses: Vec::new(),
+            worker: None,
+            queue_select: 0,
+            device_features_select: 0,
+            driver_features_select: 0,
+            driver_features: 0,
+            status: 0,
+            config_generation: 0,
+            bad_queue_config: false,
+        }
+    }
+
+    /// Serves notifications on a worker thread through eventfds that `registrar` attaches to
+    /// `addresses` (one per queue). If the worker is running (the guest moved a BAR), its
+    /// eventfds move to the new addresses.
+    pub fn set_notifier(
+        &mut self,
+        registrar: Arc<dyn NotifyRegistrar>,
+        addresses: Vec<NotifyAddress>,
+    ) {
+        let running = self.worker.is_some();
+        self.stop_worker();
+        self.registrar = Some(registrar);
+        self.notify_addresses = addresses;
+        if running {
+            self.start_worker();
+        }
+    }
+
+    /// The device's virtio type.
+    pub fn device_type(&self) -> u32 {
+        lock(&self.shared).device.device_type()
+    }
+
+    /// Number of queues.
+    pub fn queue_count(&self) -> usize {
+        lock(&self.shared).queues.len()
+    }
+
+    /// The 32 bits of the offered features the driver selected.
+    pub fn device_features(&self) -> u32 {
+        let features = lock(&self.shared).device.features();
+        match self.device_features_select {
+            0 => (features & 0xffff_ffff) as u32,
+            1 => (features >> 32) as u32,
+            _ => 0,
+        }
+    }
+
+    /// The 32 bits of the driver's features it selected.
+    pub fn driver_features(&self) -> u32 {
+        match self.driver_features_select {
+            0 => (self.driver_features & 0xffff_ffff) as u32,
+            1 => (self.driver_features >> 32) as u32,
+            _ => 0,
+        }
+    }
+
+    /// The driver writes its features (ignored once FEATURES_OK is set).
+    pub fn set_driver_features(&mut self, value: u32) {
+        if self.status & status::FEATURES_OK != 0 {
+            return;
+        }
+        match self.driver_features_select {
+            0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value),
+            1 => {
+                self.driver_features =
+                    (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether the driver may still change the queue layout (before DRIVER_OK).
+    pub fn configuring(&self) -> bool {
+        self.status & status::DRIVER_OK == 0
+    }
+
+    /// The driver-visible status.
+    pub fn status(&self) -> u32 {
+        if self.signals.needs_reset.load(Ordering::Acquire) {
+            self.status | status::DEVICE_NEEDS_RESET
+        } else {
+            self.status
+        }
+    }
+
+    /// The configuration generation (changes whenever the configuration space is written).
+    pub fn config_generation(&self) -> u32 {
+        self.config_generation
+    }
+
+    /// Runs `f` on the selected queue, if it exists.
+    pub fn with_selected_queue<T>(&mut self, f: impl FnOnce(&mut Queue) -> T) -> Option<T> {
+        let index = usize::try_from(self.queue_select).ok()?;
+        let mut shared = lock(&self.shared);
+        shared.queues.get_mut(index).map(f)
+    }
+
+    /// The driver sets the selected queue's size; a size the queue refuses (zero, not a power
+    /// of two, above the maximum) breaks the device at DRIVER_OK.
+    pub fn set_queue_size(&mut self, value: u32) {
+        if !self.configuring() {
+            return;
+        }
+        let accepted = u16::try_from(value)
+            .ok()
+            .and_then(|size| self.with_selected_queue(|q| q.try_set_size(size).is_ok()))
+            .unwrap_or(false);
+        if !accepted {
+            self.bad_queue_config = true;
+        }
+    }
+
+    /// The driver enables (or, on transports that allow it, disables) the selected queue.
+    pub fn set_queue_ready(&mut self, ready: bool) {
+        if self.configuring() {
+            self.with_selected_queue(|q| q.set_ready(ready));
+        }
+    }
+
+    /// Part of a ring address: `which` is 0 (descriptors), 1 (driver ring) or 2 (device
+    /// ring); `low`/`high` are the halves written (either may be absent).
+    pub fn set_queue_address(&mut self, which: u8, low: Option<u32>, high: Option<u32>) {
+        if !self.configuring() {
+            return;
+        }
+        self.with_selected_queue(|q| match which {
+            0 => q.set_desc_table_address(low, high),
+            1 => q.set_avail_ring_address(low, high),
+            _ => q.set_used_ring_address(low, high),
+        });
+    }
+
+    /// Reads the device-specific configuration space.
+    pub fn read_config(&self, offset: u64, data: &mut [u8]) {
+        lock(&self.shared).device.read_config(offset, data);
+    }
+
+    /// Writes the device-specific configuration space.
+    pub fn write_config(&mut self, offset: u64, data: &[u8]) {
+        lock(&self.shared).device.write_config(offset, data);
+        self.config_generation = self.config_generation.wrapping_add(1);
+    }
+
+    /// Marks the device broken and tells the driver.
+    pub fn needs_reset(&mut self) {
+        self.signals.needs_reset.store(true, Ordering::Release);
+        self.signals.interrupt.config();
+    }
+
+    /// The driver writes the status register. Zero resets the device (the transport resets
+    /// its own registers too); bits may only be added; FEATURES_OK holds only for features
+    /// that were offered and include VERSION_1; DRIVER_OK with a bad queue marks the device
+    /// NEEDS_RESET instead of running it.
+    pub fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        // Drivers only ever add bits (2.1.2); anything else is ignored.
+        if value & self.status != self.status {
+            return;
+        }
+        let added = value & !self.status;
+        let mut new = value & !status::DEVICE_NEEDS_RESET;
+        if added & status::FEATURES_OK != 0 {
+            let offered = lock(&self.shared).device.features();
+            let acceptable = self.driver_features & !offered == 0
+                && self.driver_features & VIRTIO_F_VERSION_1 != 0;
+            if !acceptable {
+                new &= !status::FEATURES_OK;
+            }
+        }
+        if added & status::DRIVER_OK != 0 {
+            let negotiated = new & status::FEATURES_OK != 0;
+            let queues_valid = {
+                let shared = lock(&self.shared);
+                shared.queues.iter().all(|q| !q.ready() || q.is_valid(&self.mem))
+            };
+            if !negotiated || !queues_valid || self.bad_queue_config {
+                self.status = new & !status::DRIVER_OK;
+                self.needs_reset();
+                return;
+            }
+            self.status = new;
+            self.start_worker();
+            return;
+        }
+        self.status = new;
+    }
+
+    /// The driver notified queue `index` through the transport's registers (not an eventfd).
+    pub fn notify(&mut self, index: u32) {
+        if self.status & status::DRIVER_OK == 0 {
+            return;
+        }
+        if let Ok(index) = u16::try_from(index) {
+            serve(&self.shared, &self.signals, &self.mem, index);
+        }
+    }
+
+    fn reset(&mut self) {
+        self.stop_worker();
+        {
+            let mut shared = lock(&self.shared);
+            shared.device.reset();
+            shared.queues = fresh_queues(shared.device.as_ref());
+        }
+        self.queue_select = 0;
+        self.device_features_select = 0;
+        self.driver_features_select = 0;
+        self.driver_features = 0;
+        self.status = 0;
+        self.signals.needs_reset.store(false, Ordering::Release);
+        self.bad_queue_config = false;
+    }
+
+    /// Stops the worker (if any) and detaches its eventfds.
+    fn stop_worker(&mut self) {
+        let Some(mut worker) = self.worker.take() else { return };
+        let _ = worker.stop.write(1);
+        if let Some(thread) = worker.thread.take() {
+            let _ = thread.join();
+        }
+        if let Some(registrar) = &self.registrar {
+            for (fd, (addr, datamatch)) in worker.notifiers.iter().zip(&worker.addresses) {
+                let _ = registrar.unregister(*addr, *datamatch, fd);
+            }
+        }
+    }
+
+    /// Starts the worker; on any failure notifications stay on the vCPU thread.
+    fn start_worker(&mut self) {
+        let Some(registrar) = self.registrar.clone() else { return };
+        let count = self.queue_count();
+        let addresses: Vec<NotifyAddress> =
+            self.notify_addresses.iter().copied().take(count).collect();
+        let mut notifiers = Vec::with_capacity(count);
+        for (addr, datamatch) in &addresses {
+            let Ok(fd) = EventFd::new(libc::EFD_NONBLOCK) else { break };
+            if registrar.register(*addr, *datamatch, &fd).is_err() {
+                break;
+            }
+            notifiers.push(fd);
+        }
+        let unregister = |notifiers: &[EventFd]| {
+            for (fd, (addr, datamatch)) in notifiers.iter().zip(&addresses) {
+                let _ = registrar.unregister(*addr, *datamatch, fd);
+            }
+        };
+        let stop = EventFd::new(libc::EFD_NONBLOCK);
+        let clones: Option<Vec<EventFd>> = notifiers.iter().map(|f| f.try_clone().ok()).collect();
+        let (Ok(stop), Some(clones), true) = (stop, clones, notifiers.len() == count) else {
+            unregister(&notifiers);
+            return;
+        };
+        let Ok(stop_clone) = stop.try_clone() else {
+            unregister(&notifiers);
+            return;
+        };
+        let (shared, signals, mem) = (self.shared.clone(), self.signals.clone(), self.mem.clone());
+        let type_id = self.device_type();
+        let thread = std::thread::Builder::new()
+            .name(format!("virtio-{type_id}"))
+            .spawn(move || worker_loop(shared, signals, mem, stop_clone, clones))
+            .ok();
+        if thread.is_none() {
+            unregister(&notifiers);
+            return;
+        }
+        self.worker = Some(Worker { stop, notifiers, addresses, thread });
+    }
+}
+
+impl Drop for VirtioCore {
+    fn drop(&mut self) {
+        self.stop_worker();
+    }
+}
+
+fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
+    device.queue_max_sizes().iter().filter_map(|size| Queue::new(*size).ok()).collect()
+}
