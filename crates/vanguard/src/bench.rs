@@ -35,6 +35,9 @@ pub enum Bench {
         /// Random 4 KiB reads per run.
         #[arg(long, default_value_t = 4000)]
         ops: u64,
+        /// The virtio transport: pci or mmio.
+        #[arg(long, default_value = "pci")]
+        transport: String,
     },
     /// All of the above with their defaults.
     All,
@@ -204,12 +207,17 @@ pub fn run(which: Bench) -> Result<(), String> {
         Bench::Boot { runs } => boot(runs),
         Bench::Memory => memory(),
         Bench::Pio { count, runs } => pio(count, runs),
-        Bench::Disk { size_mib, ops } => disk(size_mib, ops),
+        Bench::Disk { size_mib, ops, transport } => {
+            if transport != "pci" && transport != "mmio" {
+                return Err(format!("unknown transport '{transport}': use pci or mmio"));
+            }
+            disk(size_mib, ops, &transport)
+        }
         Bench::All => {
             boot(20)?;
             memory()?;
             pio(100_000, 7)?;
-            disk(256, 4000)
+            disk(256, 4000, "pci")
         }
     }
 }
@@ -260,13 +268,66 @@ fn guest_cycles(serial: &str, what: &str) -> Result<f64, String> {
         .ok_or_else(|| format!("no {what} result in the guest's output: {serial}"))
 }
 
-fn disk(size_mib: u64, ops: u64) -> Result<(), String> {
+/// fio (the peer the issue names) on the same file: `rw` with blocks of `bs`, `depth` requests
+/// in flight (io_uring above 1, psync at 1), `ios` operations (0: the whole file once).
+/// Returns (bytes per second, operations per second), or None when fio is not installed.
+fn fio(
+    path: &std::path::Path,
+    rw: &str,
+    bs: &str,
+    depth: u32,
+    ios: u64,
+) -> Option<Result<(f64, f64), String>> {
+    let engine = if depth > 1 { "io_uring" } else { "psync" };
+    let mut cmd = Command::new("fio");
+    cmd.arg("--name=vanguard-bench")
+        .arg(format!("--filename={}", path.display()))
+        .arg(format!("--rw={rw}"))
+        .arg(format!("--bs={bs}"))
+        .arg(format!("--iodepth={depth}"))
+        .arg(format!("--ioengine={engine}"))
+        .args(["--output-format=terse", "--terse-version=3", "--randrepeat=0"]);
+    if ios > 0 {
+        cmd.arg(format!("--number_ios={ios}"));
+    }
+    let out = match cmd.stdin(Stdio::null()).stderr(Stdio::null()).output() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => return Some(Err(format!("cannot run fio: {e}"))),
+        Ok(out) => out,
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let fields: Vec<&str> = text.lines().last().unwrap_or("").split(';').collect();
+    // Terse v3: read bandwidth (KiB/s) and IOPS are fields 7 and 8, write 48 and 49.
+    let (bw, iops) = if rw.contains("write") { (47, 48) } else { (6, 7) };
+    let parse = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    Some(match (out.status.success(), parse(bw), parse(iops)) {
+        (true, Some(kib), Some(iops)) => Ok((kib * 1024.0, iops)),
+        _ => Err(format!("fio failed or printed no result: {text}")),
+    })
+}
+
+/// One line of the disk table.
+fn disk_line(what: &str, unit: &str, guest: f64, host: f64, peer: &str) {
+    println!(
+        "    {what:<22} guest {guest:9.0} {unit:<5}  host {host:9.0} {unit:<5} ({peer})  ratio {:.2}",
+        guest / host
+    );
+}
+
+fn disk(size_mib: u64, ops: u64, transport: &str) -> Result<(), String> {
     let tsc = tsc_per_us() * 1e6;
     let exe = self_exe()?;
-    println!(
-        "disk: virtio-blk (virtio-mmio, ioeventfd + worker thread) vs the host on the same file,"
-    );
-    println!("      {size_mib} MiB image, 1 request in flight (QD1); MiB/s and IOPS, ratio = guest / host");
+    let fio_present = Command::new("fio").arg("--version").output().is_ok();
+    println!("disk: virtio-blk (virtio-{transport}, ioeventfd + worker thread) vs the host on the same file,");
+    println!("      {size_mib} MiB image; MiB/s and IOPS, ratio = guest / host");
+    if !fio_present {
+        println!(
+            "      (fio is not installed: the host side is this process's own pread/pwrite loop;"
+        );
+        println!(
+            "       apt-get install fio for the peer figures, and for the QD32 host baseline)"
+        );
+    }
     for dir in ["/dev/shm", "/var/tmp"] {
         let path = std::path::Path::new(dir)
             .join(format!("vanguard-bench-disk-{}.img", std::process::id()));
@@ -276,42 +337,76 @@ fn disk(size_mib: u64, ops: u64) -> Result<(), String> {
         drop(file);
         // Fill it, so neither side reads holes, and warm the page cache the same for both.
         host_disk_pass(&path, 0)?;
-        let out = Command::new(&exe)
-            .args(["run", "--cmdline", &format!("diskbench={ops}"), "--memory", "256M"])
-            .arg("--disk")
-            .arg(format!("path={}", path.display()))
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
-        let serial = String::from_utf8_lossy(&out.stdout).to_string();
-        let host = host_disk_pass(&path, ops);
+        let result = disk_one(&exe, &path, size_mib, ops, transport, tsc);
         let _ = std::fs::remove_file(&path);
-        let (h_read, h_write, h_rand) = host?;
-        let bytes = (size_mib << 20) as f64;
-        let g_read = guest_cycles(&serial, "seqread")? / tsc;
-        let g_write = guest_cycles(&serial, "seqwrite")? / tsc;
-        let g_rand = guest_cycles(&serial, "randread4k")? / tsc;
-        let mibs = |secs: f64| bytes / secs / (1 << 20) as f64;
-        let iops = |secs: f64| ops as f64 / secs;
         println!("  {dir}:");
-        println!(
-            "    seq read 1 MiB   guest {:8.0} MiB/s   host {:8.0} MiB/s   ratio {:.2}",
-            mibs(g_read),
-            mibs(h_read),
-            h_read / g_read
-        );
-        println!(
-            "    seq write 1 MiB  guest {:8.0} MiB/s   host {:8.0} MiB/s   ratio {:.2}",
-            mibs(g_write),
-            mibs(h_write),
-            h_write / g_write
-        );
-        println!(
-            "    rand read 4 KiB  guest {:8.0} IOPS    host {:8.0} IOPS    ratio {:.2}",
-            iops(g_rand),
-            iops(h_rand),
-            h_rand / g_rand
-        );
+        result?;
     }
     Ok(())
+}
+
+/// The guest's run and the host's on one image.
+fn disk_one(
+    exe: &std::path::Path,
+    path: &std::path::Path,
+    size_mib: u64,
+    ops: u64,
+    transport: &str,
+    tsc: f64,
+) -> Result<(), String> {
+    let out = Command::new(exe)
+        .args(["run", "--cmdline", &format!("diskbench={ops}"), "--memory", "256M"])
+        .args(["--virtio-transport", transport])
+        .arg("--disk")
+        .arg(format!("path={}", path.display()))
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
+    let serial = String::from_utf8_lossy(&out.stdout).to_string();
+    let bytes = (size_mib << 20) as f64;
+    let g_read = bytes / (guest_cycles(&serial, "seqread")? / tsc);
+    let g_write = bytes / (guest_cycles(&serial, "seqwrite")? / tsc);
+    let g_rand = ops as f64 / (guest_cycles(&serial, "randread4k")? / tsc);
+    let g_rand32 = guest_cycles(&serial, "randread4k-qd32").ok().map(|c| ops as f64 / (c / tsc));
+    let g_seq32 = guest_amount(&serial, "seqread-qd32")
+        .and_then(|amount| Some(amount / (guest_cycles(&serial, "seqread-qd32").ok()? / tsc)));
+    let (h_read, h_write, h_rand) = host_disk_pass(path, ops)?;
+    let own = "pread/pwrite";
+    let mut host = (bytes / h_read, own, bytes / h_write, own, ops as f64 / h_rand, own);
+    let mut host_qd32 = None;
+    let mut host_seq_qd32 = None;
+    if let Some(r) = fio(path, "read", "1M", 1, 0) {
+        host.0 = r?.0;
+        host.1 = "fio psync";
+        host.2 = fio(path, "write", "1M", 1, 0).unwrap_or(Err("fio vanished".into()))?.0;
+        host.3 = "fio psync";
+        host.4 = fio(path, "randread", "4k", 1, ops).unwrap_or(Err("fio vanished".into()))?.1;
+        host.5 = "fio psync";
+        host_qd32 = Some(fio(path, "randread", "4k", 32, ops * 8).unwrap_or(Err("fio".into()))?.1);
+        host_seq_qd32 = Some(fio(path, "read", "1M", 32, 0).unwrap_or(Err("fio".into()))?.0);
+    }
+    let mib = (1u64 << 20) as f64;
+    disk_line("seq read 1 MiB QD1", "MiB/s", g_read / mib, host.0 / mib, host.1);
+    if let (Some(g), Some(h)) = (g_seq32, host_seq_qd32) {
+        disk_line("seq read QD32", "MiB/s", g / mib, h / mib, "fio io_uring QD32");
+    }
+    disk_line("seq write 1 MiB QD1", "MiB/s", g_write / mib, host.2 / mib, host.3);
+    disk_line("rand read 4 KiB QD1", "IOPS", g_rand, host.4, host.5);
+    match (g_rand32, host_qd32) {
+        (Some(g), Some(h)) => disk_line("rand read 4 KiB QD32", "IOPS", g, h, "fio io_uring QD32"),
+        (Some(g), None) => println!(
+            "    rand read 4 KiB QD32   guest {g:9.0} IOPS   (no host baseline without fio)"
+        ),
+        _ => println!("    rand read 4 KiB QD32   (the guest printed no QD32 result)"),
+    }
+    Ok(())
+}
+
+/// The amount (bytes or operations) a `diskbench: <what> <amount> ...` line reports.
+fn guest_amount(serial: &str, what: &str) -> Option<f64> {
+    serial
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("diskbench: {what} ")))
+        .and_then(|l| l.split(' ').next())
+        .and_then(|a| a.parse().ok())
 }
