@@ -9,10 +9,11 @@
 //! |-------|----------|
 //! | RSDP  | revision 2, points at the XSDT (no RSDT) |
 //! | FACS  | 64-byte aligned, as the spec requires |
-//! | DSDT  | `\_S5_`, COM1 and the i8042 keyboard controller |
+//! | DSDT  | `\_S5_`, COM1, the i8042 keyboard controller, virtio-mmio devices, and (with PCI) the host bridge `\_SB.PCI0` and the ECAM reservation `\_SB.MRES` |
 //! | APIC  | the MADT: one local APIC per vCPU, the IOAPIC, ISA overrides, LINT1 NMI |
 //! | FACP  | the FADT: full (not hardware-reduced) ACPI with PM1a event/control blocks |
-//! | XSDT  | FADT and MADT |
+//! | MCFG  | only with PCI: the ECAM window of segment 0, buses `0..=PCI_BUS_END` |
+//! | XSDT  | FADT, MADT and (with PCI) MCFG |
 //!
 //! Table builders come from the `acpi_tables` crate; where it has no builder for an x86 structure
 //! (MADT interrupt source overrides and NMI entries, MADT flags, the legacy IRQ descriptor) the
@@ -20,14 +21,16 @@
 
 use crate::layout::{
     ACPI_END, ACPI_START, COM1_IRQ, COM1_PORT, I8042_COMMAND_PORT, I8042_DATA_PORT,
-    I8042_RESET_COMMAND, IOAPIC_START, LAPIC_START, PM1A_CNT_PORT, PM1A_EVT_PORT, SCI_IRQ,
-    SLP_TYP_S5,
+    I8042_RESET_COMMAND, IOAPIC_START, LAPIC_START, PCI_BUS_END, PCI_CONFIG_PORT,
+    PCI_CONFIG_PORT_LEN, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO_SIZE, PCI_MMIO_START,
+    PM1A_CNT_PORT, PM1A_EVT_PORT, SCI_IRQ, SLP_TYP_S5,
 };
 use acpi_tables::aml::{self, Path};
 use acpi_tables::facs::FACS;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -112,6 +115,41 @@ const COM1_IRQ_MASK: u16 = {
 };
 const I8042_IRQ_MASK: u16 = 1 << I8042_KBD_IRQ;
 
+/// The only PCI segment; its number goes in the MCFG and in the host bridge's `_SEG`.
+const PCI_SEGMENT: u16 = 0;
+/// The host bridge's bus, the first of its range (`_BBN`).
+const PCI_BUS_START: u8 = 0;
+#[allow(clippy::cast_possible_truncation)] // Guarded by the assert.
+const PCI_MMIO_START32: u32 = {
+    assert!(PCI_MMIO_SIZE > 0 && PCI_MMIO_START + PCI_MMIO_SIZE <= 1 << 32);
+    PCI_MMIO_START as u32
+};
+/// Last byte (inclusive) of the BAR window, as the address space descriptors want it.
+#[allow(clippy::cast_possible_truncation)] // Guarded by the assert above.
+const PCI_MMIO_LAST32: u32 = (PCI_MMIO_START + PCI_MMIO_SIZE - 1) as u32;
+#[allow(clippy::cast_possible_truncation)] // Guarded by the assert.
+const PCI_ECAM_START32: u32 = {
+    assert!(PCI_ECAM_SIZE > 0 && PCI_ECAM_START + PCI_ECAM_SIZE <= 1 << 32);
+    PCI_ECAM_START as u32
+};
+#[allow(clippy::cast_possible_truncation)] // Guarded by the assert above.
+const PCI_ECAM_SIZE32: u32 = PCI_ECAM_SIZE as u32;
+/// The I/O ports the bridge forwards: everything except its own configuration ports, split into
+/// the ranges below and above them.
+const PCI_IO_LOW_LAST: u16 = {
+    assert!(PCI_CONFIG_PORT > 0 && PCI_CONFIG_PORT_LEN > 0);
+    PCI_CONFIG_PORT - 1
+};
+const PCI_IO_HIGH_FIRST: u16 = {
+    assert!((PCI_CONFIG_PORT as u32) + (PCI_CONFIG_PORT_LEN as u32) <= u16::MAX as u32);
+    PCI_CONFIG_PORT + PCI_CONFIG_PORT_LEN
+};
+#[allow(clippy::cast_possible_truncation)] // Guarded by the assert.
+const PCI_CONFIG_PORT_LEN8: u8 = {
+    assert!(PCI_CONFIG_PORT_LEN <= u8::MAX as u16);
+    PCI_CONFIG_PORT_LEN as u8
+};
+
 /// What the ACPI tables describe about the guest.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AcpiConfig {
@@ -120,12 +158,17 @@ pub struct AcpiConfig {
     /// virtio-mmio devices, described in the DSDT (`_HID` "LNRO0005") so that kernels without
     /// command-line device discovery (Debian's) find them.
     pub virtio_mmio: Vec<VirtioMmioInfo>,
+    /// Whether there is a PCI host bridge (for virtio-pci): an MCFG table for its ECAM window,
+    /// and in the DSDT the bridge `\_SB.PCI0` with its bus, I/O and BAR-window resources plus
+    /// a motherboard-resources device `\_SB.MRES` reserving the ECAM window. Without it (a VM
+    /// with only virtio-mmio devices) none of these exist.
+    pub pci: bool,
 }
 
 impl AcpiConfig {
-    /// A machine with `num_cpus` vCPUs and no virtio-mmio devices.
+    /// A machine with `num_cpus` vCPUs, a PCI host bridge and no virtio-mmio devices.
     pub fn new(num_cpus: u8) -> Self {
-        Self { num_cpus, virtio_mmio: Vec::new() }
+        Self { num_cpus, virtio_mmio: Vec::new(), pci: true }
     }
 }
 
@@ -202,7 +245,7 @@ impl AcpiTables {
     }
 }
 
-/// Writes RSDP, XSDT, FADT (+FACS), MADT and DSDT into guest memory from `ACPI_START` and
+/// Writes RSDP, XSDT, FADT (+FACS), MADT, DSDT and (with PCI) MCFG into guest memory from `ACPI_START` and
 /// returns the RSDP's guest address, which is `ACPI_START`.
 ///
 /// Guest RAM must cover the tables, and the e820 map should keep `ACPI_START..ACPI_END` out of
@@ -243,13 +286,18 @@ pub fn build_tables(cfg: &AcpiConfig, base: u64) -> Result<AcpiTables, AcpiError
     // that goes with a 6.5 FADT.
     facs.version = 2;
     let facs_addr = placer.place("FACS", aml_bytes(&facs), FACS_ALIGN)?;
-    let dsdt_addr = placer.place("DSDT", build_dsdt(&cfg.virtio_mmio), TABLE_ALIGN)?;
+    let dsdt_addr = placer.place("DSDT", build_dsdt(cfg), TABLE_ALIGN)?;
     let madt_addr = placer.place("APIC", build_madt(cfg.num_cpus), TABLE_ALIGN)?;
     let fadt_addr = placer.place("FACP", build_fadt(facs_addr, dsdt_addr)?, TABLE_ALIGN)?;
+    let mcfg_addr =
+        if cfg.pci { Some(placer.place("MCFG", build_mcfg(), TABLE_ALIGN)?) } else { None };
 
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    if let Some(addr) = mcfg_addr {
+        xsdt.add_entry(addr);
+    }
     let xsdt_addr = placer.place("XSDT", aml_bytes(&xsdt), TABLE_ALIGN)?;
 
     let mut tables = placer.tables;
@@ -376,6 +424,13 @@ fn build_madt(num_cpus: u8) -> Vec<u8> {
     madt.as_slice().to_vec()
 }
 
+/// The MCFG: one allocation for the ECAM window of segment 0, covering the host bridge's buses.
+fn build_mcfg() -> Vec<u8> {
+    let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    mcfg.add_ecam(PCI_ECAM_START, PCI_SEGMENT, PCI_BUS_START, PCI_BUS_END);
+    aml_bytes(&mcfg)
+}
+
 /// MADT type 2: ISA `source` IRQ is wired to global system interrupt `gsi`.
 fn interrupt_source_override(source: u8, gsi: u32, flags: u16) -> Vec<u8> {
     let mut entry = vec![MADT_TYPE_INTERRUPT_SOURCE_OVERRIDE, 10, 0 /* ISA bus */, source];
@@ -417,7 +472,51 @@ impl Aml for RawAml<'_> {
     }
 }
 
-fn build_dsdt(virtio_mmio: &[VirtioMmioInfo]) -> Vec<u8> {
+/// `\_SB.PCI0`, the PCI Express host bridge of segment 0, and `\_SB.MRES`, which reserves its
+/// ECAM window as a motherboard resource, each as encoded AML.
+///
+/// The bridge decodes every I/O port but its own configuration ports, as a PC's does, so the
+/// legacy devices' ports (COM1, the i8042, the PM1 blocks) lie inside its windows. Its memory
+/// window is only the BAR window: Linux checks that the MCFG's ECAM window is reserved by a
+/// PNP0C01/PNP0C02 device, and a window in the bridge's `_CRS` would instead be handed out to
+/// BARs.
+///
+/// There is no `_ADR`: the spec says a device has either `_HID` or `_ADR`, not both (iasl warns
+/// about the pair), and a root bridge is identified by `_SEG`/`_BBN`, not by an address.
+fn pci_host_bridge_aml() -> [Vec<u8>; 2] {
+    let hid = aml::Name::new(Path::new("_HID"), &aml::EISAName::new("PNP0A08"));
+    let cid = aml::Name::new(Path::new("_CID"), &aml::EISAName::new("PNP0A03"));
+    let seg = aml::Name::new(Path::new("_SEG"), &PCI_SEGMENT);
+    let uid = aml::Name::new(Path::new("_UID"), &aml::ZERO);
+    let bbn = aml::Name::new(Path::new("_BBN"), &PCI_BUS_START);
+    let buses = aml::AddressSpace::new_bus_number(u16::from(PCI_BUS_START), u16::from(PCI_BUS_END));
+    let config_ports = aml::IO::new(PCI_CONFIG_PORT, PCI_CONFIG_PORT, 1, PCI_CONFIG_PORT_LEN8);
+    let io_low = aml::AddressSpace::new_io(0u16, PCI_IO_LOW_LAST, None);
+    let io_high = aml::AddressSpace::new_io(PCI_IO_HIGH_FIRST, u16::MAX, None);
+    let bars = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        PCI_MMIO_START32,
+        PCI_MMIO_LAST32,
+        None,
+    );
+    let crs = aml::Name::new(
+        Path::new("_CRS"),
+        &aml::ResourceTemplate::new(vec![&buses, &config_ports, &io_low, &io_high, &bars]),
+    );
+    let pci0 = aml::Device::new(Path::new("PCI0"), vec![&hid, &cid, &seg, &uid, &bbn, &crs]);
+
+    let mres_hid = aml::Name::new(Path::new("_HID"), &aml::EISAName::new("PNP0C02"));
+    let mres_uid = aml::Name::new(Path::new("_UID"), &aml::ZERO);
+    let ecam = aml::Memory32Fixed::new(true, PCI_ECAM_START32, PCI_ECAM_SIZE32);
+    let mres_crs = aml::Name::new(Path::new("_CRS"), &aml::ResourceTemplate::new(vec![&ecam]));
+    let mres = aml::Device::new(Path::new("MRES"), vec![&mres_hid, &mres_uid, &mres_crs]);
+
+    [aml_bytes(&pci0), aml_bytes(&mres)]
+}
+
+fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
+    let virtio_mmio = &cfg.virtio_mmio;
     // SLP_TYPa and SLP_TYPb for S5, then two reserved elements.
     let s5 = aml::Name::new(
         Path::new("\\_S5_"),
@@ -461,7 +560,9 @@ fn build_dsdt(virtio_mmio: &[VirtioMmioInfo]) -> Vec<u8> {
             aml_bytes(&aml::Device::new(Path::new(name), vec![hid, &uid, &crs]))
         })
         .collect();
-    let raw_devices: Vec<RawAml> = virtio_devices.iter().map(|b| RawAml(b)).collect();
+    let pci_devices: Vec<Vec<u8>> = if cfg.pci { pci_host_bridge_aml().into() } else { Vec::new() };
+    let raw_devices: Vec<RawAml> =
+        virtio_devices.iter().chain(&pci_devices).map(|b| RawAml(b)).collect();
     let mut sb_children: Vec<&dyn Aml> = vec![&com1, &kbd];
     sb_children.extend(raw_devices.iter().map(|d| d as &dyn Aml));
     let sb = aml::Scope::new(Path::new("\\_SB_"), sb_children);
@@ -523,7 +624,7 @@ mod tests {
         for n in CPU_COUNTS {
             let tables = build(n);
             let names: Vec<_> = tables.tables.iter().map(|t| t.name).collect();
-            assert_eq!(names, ["RSDP", "FACS", "DSDT", "APIC", "FACP", "XSDT"]);
+            assert_eq!(names, ["RSDP", "FACS", "DSDT", "APIC", "FACP", "MCFG", "XSDT"]);
             for t in &tables.tables {
                 let b = &t.bytes;
                 match t.name {
@@ -586,7 +687,8 @@ mod tests {
             .collect();
         let fadt = table(&tables, "FACP");
         let madt = table(&tables, "APIC");
-        assert_eq!(entries, [fadt.addr.0, madt.addr.0]);
+        let mcfg = table(&tables, "MCFG");
+        assert_eq!(entries, [fadt.addr.0, madt.addr.0, mcfg.addr.0]);
         for addr in entries {
             let target = tables.tables.iter().find(|t| t.addr.0 == addr).unwrap();
             assert_eq!(&target.bytes[..4], target.name.as_bytes());
@@ -686,6 +788,83 @@ mod tests {
         // IO 0x60, IO 0x64, IRQNoFlags() {1}.
         assert!(contains(&[0x47, 0x01, 0x60, 0, 0x60, 0, 1, 1]));
         assert!(contains(&[0x47, 0x01, 0x64, 0, 0x64, 0, 1, 1, 0x22, 0x02, 0x00]));
+    }
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn mcfg_describes_the_ecam_window() {
+        let tables = build(2);
+        let m = &table(&tables, "MCFG").bytes;
+        assert_eq!(m.len(), 36 + 8 + 16);
+        assert_eq!(m[8], 1, "MCFG revision");
+        assert_eq!(sum(m), 0, "MCFG checksum");
+        assert_eq!(&m[36..44], &[0; 8], "reserved");
+        assert_eq!(u64_at(m, 44), 0xe000_0000, "ECAM base");
+        assert_eq!(u16_at(m, 52), 0, "segment");
+        assert_eq!((m[54], m[55]), (0, PCI_BUS_END), "bus range");
+        assert_eq!(&m[56..60], &[0; 4], "reserved");
+    }
+
+    #[test]
+    fn dsdt_has_the_pci_host_bridge_and_the_ecam_reservation() {
+        let tables = build(1);
+        let dsdt = &table(&tables, "DSDT").bytes;
+        let has = |needle: &[u8]| contains(dsdt, needle);
+        assert!(has(b"PCI0"));
+        assert!(has(b"MRES"));
+        // EISAID("PNP0A08"), EISAID("PNP0A03") and EISAID("PNP0C02").
+        assert!(has(&[0x0c, 0x41, 0xd0, 0x0a, 0x08]));
+        assert!(has(&[0x0c, 0x41, 0xd0, 0x0a, 0x03]));
+        assert!(has(&[0x0c, 0x41, 0xd0, 0x0c, 0x02]));
+        // WordBusNumber 0..=0: producer, min/max fixed, length 1.
+        assert!(has(&[0x88, 0x0d, 0, 2, 0x0c, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]));
+        // IO(Decode16, 0xcf8, 0xcf8, 1, 8).
+        assert!(has(&[0x47, 0x01, 0xf8, 0x0c, 0xf8, 0x0c, 0x01, 0x08]));
+        // WordIO 0x0000..=0x0cf7 and 0x0d00..=0xffff, entire range.
+        assert!(has(&[0x88, 0x0d, 0, 1, 0x0c, 3, 0, 0, 0, 0, 0xf7, 0x0c, 0, 0, 0xf8, 0x0c]));
+        assert!(has(&[0x88, 0x0d, 0, 1, 0x0c, 3, 0, 0, 0, 0x0d, 0xff, 0xff, 0, 0, 0, 0xf3]));
+        // DWordMemory 0xc0000000..=0xcfffffff, non-cacheable, read-write.
+        let mut bars = vec![0x87, 0x17, 0, 0, 0x0c, 1, 0, 0, 0, 0];
+        for v in [0xc000_0000u32, 0xcfff_ffff, 0, 0x1000_0000] {
+            bars.extend_from_slice(&v.to_le_bytes());
+        }
+        assert!(has(&bars));
+        // Memory32Fixed(ReadWrite, 0xe0000000, 0x100000) in MRES only, never in PCI0.
+        let ecam = [0x86, 0x09, 0, 1, 0, 0, 0, 0xe0, 0, 0, 0x10, 0];
+        assert!(has(&ecam));
+        let pci0 = dsdt.windows(4).position(|w| w == b"PCI0").unwrap();
+        let mres = dsdt.windows(4).position(|w| w == b"MRES").unwrap();
+        assert!(!contains(&dsdt[pci0..mres], &ecam[4..8]), "ECAM base inside PCI0");
+        assert!(contains(&dsdt[mres..], &ecam));
+    }
+
+    #[test]
+    fn without_pci_there_is_no_mcfg_and_no_host_bridge() {
+        let mut cfg = AcpiConfig::new(2);
+        cfg.pci = false;
+        let tables = build_tables(&cfg, ACPI_START).unwrap();
+        let names: Vec<_> = tables.tables.iter().map(|t| t.name).collect();
+        assert_eq!(names, ["RSDP", "FACS", "DSDT", "APIC", "FACP", "XSDT"]);
+        let xsdt = &table(&tables, "XSDT").bytes;
+        assert_eq!(xsdt.len(), 36 + 2 * 8, "XSDT holds only the FADT and the MADT");
+        assert_eq!(sum(xsdt), 0);
+        let dsdt = &table(&tables, "DSDT").bytes;
+        assert_eq!(sum(dsdt), 0);
+        for absent in [&b"PCI0"[..], b"MRES", &[0x0c, 0x41, 0xd0, 0x0a, 0x08]] {
+            assert!(!contains(dsdt, absent), "{absent:x?} in a DSDT without PCI");
+        }
+        assert!(contains(dsdt, b"COM1") && contains(dsdt, b"PS2K"));
+
+        // The legacy part of the DSDT is the same with and without PCI: the bridge and MRES are
+        // only appended to `\_SB_`.
+        let with_pci = build_tables(&AcpiConfig::new(2), ACPI_START).unwrap();
+        let pci_dsdt = &table(&with_pci, "DSDT").bytes;
+        let com1 = dsdt.windows(4).position(|w| w == b"COM1").unwrap();
+        let pci_com1 = pci_dsdt.windows(4).position(|w| w == b"COM1").unwrap();
+        assert_eq!(&dsdt[com1..], &pci_dsdt[pci_com1..pci_com1 + dsdt.len() - com1]);
     }
 
     #[test]

@@ -231,10 +231,30 @@ fn iasl_disassembles_every_table() {
             &[
                 &format!("ACPI Table Address 0 : {:016X}", addr("FACP")),
                 &format!("ACPI Table Address 1 : {:016X}", addr("APIC")),
+                &format!("ACPI Table Address 2 : {:016X}", addr("MCFG")),
             ],
         );
-        assert!(!xsdt.contains("ACPI Table Address 2"), "{xsdt}");
+        assert!(!xsdt.contains("ACPI Table Address 3"), "{xsdt}");
         assert_round_trips(dir, table(&tables, "XSDT"), true);
+
+        let mcfg = disassemble(dir, table(&tables, "MCFG"));
+        assert_mentions(
+            "MCFG",
+            &mcfg,
+            &[
+                "Signature : \"MCFG\" [Memory Mapped Configuration table]",
+                "Revision : 01",
+                "Oem ID : \"VANGRD\"",
+                "Reserved : 0000000000000000",
+                "[02Ch 0044 8] Base Address : 00000000E0000000 \
+                 [034h 0052 2] Segment Group Number : 0000 \
+                 [036h 0054 1] Start Bus Number : 00 \
+                 [037h 0055 1] End Bus Number : 00 \
+                 [038h 0056 4] Reserved : 00000000",
+            ],
+        );
+        assert_eq!(mcfg.matches("Base Address :").count(), 1, "one ECAM allocation:\n{mcfg}");
+        assert_round_trips(dir, table(&tables, "MCFG"), true);
 
         let facs = disassemble(dir, table(&tables, "FACS"));
         assert_mentions(
@@ -263,9 +283,80 @@ fn iasl_disassembles_every_table() {
                 "IRQNoFlags () {1}",
             ],
         );
+        assert_pci_host_bridge(&dsdt);
         // The compiler optimises the AML differently, so only check that the ASL is clean.
         compile(dir, "DSDT");
     }
+}
+
+/// The host bridge and the ECAM reservation, as iasl reads them back from the DSDT.
+fn assert_pci_host_bridge(dsdt: &str) {
+    assert_mentions(
+        "DSDT",
+        dsdt,
+        &[
+            "Device (PCI0) { Name (_HID, EisaId (\"PNP0A08\") /* PCI Express Bus */) \
+             // _HID: Hardware ID Name (_CID, EisaId (\"PNP0A03\") /* PCI Bus */) \
+             // _CID: Compatible ID Name (_SEG, Zero) // _SEG: PCI Segment \
+             Name (_UID, Zero) // _UID: Unique ID \
+             Name (_BBN, Zero) // _BBN: BIOS Bus Number",
+            "WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode, \
+             0x0000, // Granularity 0x0000, // Range Minimum 0x0000, // Range Maximum \
+             0x0000, // Translation Offset 0x0001, // Length ,, )",
+            "IO (Decode16, 0x0CF8, // Range Minimum 0x0CF8, // Range Maximum \
+             0x01, // Alignment 0x08, // Length )",
+            "WordIO (ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange, \
+             0x0000, // Granularity 0x0000, // Range Minimum 0x0CF7, // Range Maximum \
+             0x0000, // Translation Offset 0x0CF8, // Length ,, , TypeStatic, DenseTranslation)",
+            "WordIO (ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange, \
+             0x0000, // Granularity 0x0D00, // Range Minimum 0xFFFF, // Range Maximum \
+             0x0000, // Translation Offset 0xF300, // Length ,, , TypeStatic, DenseTranslation)",
+            "DWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, \
+             ReadWrite, 0x00000000, // Granularity 0xC0000000, // Range Minimum \
+             0xCFFFFFFF, // Range Maximum 0x00000000, // Translation Offset \
+             0x10000000, // Length ,, , AddressRangeMemory, TypeStatic)",
+            "Device (MRES) { Name (_HID, EisaId (\"PNP0C02\") /* PNP Motherboard Resources */) \
+             // _HID: Hardware ID Name (_UID, Zero) // _UID: Unique ID \
+             Name (_CRS, ResourceTemplate () // _CRS: Current Resource Settings { \
+             Memory32Fixed (ReadWrite, 0xE0000000, // Address Base \
+             0x00100000, // Address Length ) })",
+        ],
+    );
+    // The ECAM window is reserved by MRES, not offered to BARs by the bridge.
+    let pci0 = dsdt.find("Device (PCI0)").unwrap();
+    let mres = dsdt.find("Device (MRES)").unwrap();
+    assert!(pci0 < mres && !dsdt[pci0..mres].contains("0xE0000000"), "{dsdt}");
+    assert!(!dsdt.contains("_ADR"), "PCI0 has a _HID, so no _ADR:\n{dsdt}");
+}
+
+/// A VM with only virtio-mmio devices: no MCFG, no host bridge, the legacy devices unchanged.
+#[test]
+fn iasl_without_pci() {
+    if !have_iasl() {
+        return;
+    }
+    let dir = ScratchDir::new("nopci");
+    let mut cfg = AcpiConfig::new(2);
+    cfg.pci = false;
+    cfg.virtio_mmio = vec![arch::acpi::VirtioMmioInfo { base: 0xd000_0000, len: 0x200, gsi: 16 }];
+    let tables = build_tables(&cfg, ACPI_START).unwrap();
+    assert!(tables.get("MCFG").is_none());
+
+    let xsdt = disassemble(&dir.0, table(&tables, "XSDT"));
+    assert_mentions("XSDT", &xsdt, &["ACPI Table Address 1 :"]);
+    assert!(!xsdt.contains("ACPI Table Address 2"), "{xsdt}");
+    assert_round_trips(&dir.0, table(&tables, "XSDT"), true);
+
+    let dsdt = disassemble(&dir.0, table(&tables, "DSDT"));
+    assert_mentions(
+        "DSDT",
+        &dsdt,
+        &["Device (COM1)", "EisaId (\"PNP0303\")", "Device (VR00)", "Name (_HID, \"LNRO0005\")"],
+    );
+    for absent in ["PNP0A08", "PNP0A03", "PNP0C02", "PCI0", "MRES", "0xE0000000", "0x0CF8"] {
+        assert!(!dsdt.contains(absent), "DSDT without PCI mentions {absent}:\n{dsdt}");
+    }
+    compile(&dir.0, "DSDT");
 }
 
 #[test]
