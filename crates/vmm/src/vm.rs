@@ -306,7 +306,7 @@ impl Vm {
         let rsdp = arch::acpi::create_acpi_tables(&mem, &{
             let mut acpi = arch::acpi::AcpiConfig::new(config.cpus);
             acpi.virtio_mmio = virtio_info.clone();
-            //ACPI-PENDING acpi.pci = transport == VirtioTransport::Pci;
+            acpi.pci = transport == VirtioTransport::Pci;
             acpi
         })
         .map_err(VmmError::Acpi)?;
