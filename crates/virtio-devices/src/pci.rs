@@ -4,7 +4,7 @@
 //!
 //! | BAR 0 offset | region                                   |
 //! |--------------|------------------------------------------|
-//! | 0x0000       | common configuration (0x38 bytes)        |
+//! | 0x0000       | common configuration (0x3c bytes)        |
 //! | 0x1000       | ISR status (1 byte, read clears)         |
 //! | 0x2000       | device-specific configuration            |
 //! | 0x3000       | notifications, 4 bytes per queue         |
@@ -34,7 +34,9 @@ use vm_memory::GuestMemoryMmap;
 /// Size of BAR 0.
 pub const BAR_SIZE: u64 = 0x8000;
 const COMMON: u64 = 0x0000;
-const COMMON_LEN: u64 = 0x38;
+/// The common configuration as of virtio 1.2 (0x38 bytes) plus the two later u16 fields
+/// (queue_notif_config_data, queue_reset), which read as zero: no feature enables them.
+const COMMON_LEN: u64 = 0x3c;
 const ISR: u64 = 0x1000;
 const DEVICE_CONFIG: u64 = 0x2000;
 const DEVICE_CONFIG_LEN: u64 = 0x1000;
