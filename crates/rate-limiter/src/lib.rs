@@ -1,7 +1,8 @@
 //! Rate limits for devices: caps on the bytes and the operations a device serves per unit of
 //! time, so that one VM's disk or network cannot starve its neighbours. Virtio devices (block,
 //! net, rng) ask a [`RateLimiter`] before serving each request; the host daemon changes the limits
-//! of a running VM with [`RateLimiter::update_buckets`].
+//! of a running VM from its own thread through a [`RateLimiterHandle`] ([`RateLimiter::handle`]),
+//! or the device's thread itself with [`RateLimiter::update_buckets`].
 //!
 //! # The model
 //!
@@ -89,7 +90,25 @@
 //! let faster = TokenBucketConfig { size: 2 << 20, one_time_burst: 0, refill_time_ms: 1000 };
 //! limiter.update_buckets(BucketUpdate::Update(faster), BucketUpdate::Disabled).unwrap();
 //! assert!(limiter.bucket(TokenType::Ops).is_none());
+//!
+//! // The same from another thread: a handle stores the new limits and fires the limiter's timer
+//! // at once, so a device waiting on `limiter.as_raw_fd()` wakes, calls `event_handler()` (which
+//! // applies them) and retries. `None` lifts every limit.
+//! let handle = limiter.handle();
+//! std::thread::spawn(move || handle.update(None).unwrap()).join().unwrap();
+//! assert!(limiter.consume(u64::MAX, TokenType::Bytes));
+//! assert!(limiter.is_unlimited());
 //! ```
+//!
+//! # Live updates
+//!
+//! A [`RateLimiterHandle`] is `Clone + Send + Sync`. [`RateLimiterHandle::update`] replaces both
+//! limits (a bucket left out is removed, a new one starts full, a changed one keeps its budget as
+//! [`RateLimiter::update_buckets`] describes) and arms the limiter's timer to fire at once. The
+//! limiter applies the newest stored limits before its next [`RateLimiter::consume`] and in
+//! [`RateLimiter::event_handler`]; a device that skips `consume` while [`RateLimiter::is_unlimited`]
+//! calls [`RateLimiter::apply_pending_updates`] first. No update is lost: a limiter that arms
+//! its timer for a refusal after a handle stored limits re-arms it to fire at once.
 //!
 //! # Testing with a clock
 //!
@@ -104,5 +123,6 @@ mod limiter;
 pub use bucket::{BucketError, BucketReduction, TokenBucket, MAX_REFILL_TIME};
 pub use config::{ConfigParseError, RateLimiterConfig, TokenBucketConfig};
 pub use limiter::{
-    BucketUpdate, RateLimiter, RateLimiterError, TokenType, MAX_TIMER_DELAY, MIN_TIMER_DELAY,
+    BucketUpdate, RateLimiter, RateLimiterError, RateLimiterHandle, TokenType, MAX_TIMER_DELAY,
+    MIN_TIMER_DELAY,
 };

@@ -3,7 +3,10 @@
 
 use std::fmt;
 use std::io;
+use std::os::fd::{BorrowedFd, FromRawFd, IntoRawFd};
 use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::errno;
@@ -21,6 +24,10 @@ pub const MIN_TIMER_DELAY: Duration = Duration::from_micros(100);
 /// The longest wait the timer is armed for. A request that needs longer (a huge debt at a slow
 /// rate) wakes the device this often, retries, and is refused and re-armed again.
 pub const MAX_TIMER_DELAY: Duration = Duration::from_secs(24 * 3600);
+
+/// How soon a [`RateLimiterHandle`] makes the timer fire to wake the device: at once (a zero
+/// delay would disarm it).
+const WAKE_NOW: Duration = Duration::from_nanos(1);
 
 /// Which bucket a request draws from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -73,6 +80,13 @@ pub enum RateLimiterError {
     /// Reading the timerfd failed for a reason other than "not expired".
     #[error("cannot read the rate limiter's timerfd")]
     ReadTimer(#[source] errno::Error),
+    /// The timerfd could not be duplicated for the limiter's handles.
+    #[error("cannot duplicate the rate limiter's timerfd")]
+    DuplicateTimer(#[source] io::Error),
+    /// A handle stored new limits but could not arm the timer to wake the device: they take
+    /// effect at the device's next request, or when a pending wait ends.
+    #[error("cannot wake the rate-limited device (arming its timerfd failed)")]
+    WakeTimer(#[source] errno::Error),
 }
 
 /// Limits one device's I/O with up to two token buckets, one for bytes and one for operations.
@@ -86,6 +100,9 @@ pub enum RateLimiterError {
 /// As a safety net, a request made after the deadline unblocks the limiter even if the timer's
 /// event has not been handled yet.
 ///
+/// Other threads change the limits through a [`RateLimiterHandle`] ([`RateLimiter::handle`]);
+/// the limiter applies what they asked at its next request or timer event.
+///
 /// Methods that depend on time have an `_at` form that takes the current instant; the plain forms
 /// read the monotonic clock. The timer itself always runs on the real monotonic clock.
 #[derive(Debug)]
@@ -94,6 +111,68 @@ pub struct RateLimiter {
     ops: Option<TokenBucket>,
     timer: TimerFd,
     blocked_until: Option<Instant>,
+    remote: Arc<Remote>,
+}
+
+/// What a limiter shares with its handles.
+#[derive(Debug)]
+struct Remote {
+    /// The newest limits a handle asked for and the limiter has not applied yet; each update
+    /// replaces the one before.
+    pending: Mutex<Option<RateLimiterConfig>>,
+    /// Set, after `pending` is filled, to tell the limiter's thread to look at it without taking
+    /// the lock on every request.
+    dirty: AtomicBool,
+    /// A duplicate of the limiter's timerfd (the same timer): arming it wakes the device's
+    /// thread, which waits on the limiter's descriptor.
+    wake: Mutex<TimerFd>,
+}
+
+/// Changes a running [`RateLimiter`]'s limits from any thread: the hook for the host daemon.
+/// Cloning gives another handle to the same limiter.
+///
+/// [`RateLimiterHandle::update`] stores the new limits and fires the limiter's timer at once.
+/// The limiter applies them before its next request ([`RateLimiter::consume`]) or when its
+/// device handles the timer's event ([`RateLimiter::event_handler`]), whichever comes first,
+/// exactly as [`RateLimiter::set_limits`] would: a request waiting under the old limits is
+/// retried under the new ones.
+#[derive(Debug, Clone)]
+pub struct RateLimiterHandle {
+    remote: Arc<Remote>,
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked (it only stores values).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl RateLimiterHandle {
+    /// Replaces the limiter's limits with `limits`; `None` (or a configuration without buckets)
+    /// removes every limit, and a bucket that did not exist is created full. Each call replaces
+    /// what an earlier one left unapplied.
+    ///
+    /// The limits are checked here: on error nothing changes. A
+    /// [`RateLimiterError::WakeTimer`] error means the limits were stored but the device was not
+    /// woken: they apply at its next request, or when its pending wait ends.
+    pub fn update(&self, limits: Option<RateLimiterConfig>) -> Result<(), RateLimiterError> {
+        let limits = limits.unwrap_or_default();
+        for (token_type, bucket) in
+            [(TokenType::Bytes, limits.bandwidth), (TokenType::Ops, limits.ops)]
+        {
+            if let Some(config) = bucket {
+                config
+                    .validate()
+                    .map_err(|source| RateLimiterError::Bucket { token_type, source })?;
+            }
+        }
+        {
+            let mut pending = lock(&self.remote.pending);
+            *pending = Some(limits);
+            self.remote.dirty.store(true, Ordering::SeqCst);
+        }
+        // After the store: the limiter's thread, woken, finds the new limits.
+        lock(&self.remote.wake).reset(WAKE_NOW, None).map_err(RateLimiterError::WakeTimer)
+    }
 }
 
 impl RateLimiter {
@@ -111,7 +190,66 @@ impl RateLimiter {
         let ops = config.ops.map(|bucket| new_bucket(TokenType::Ops, &bucket, now)).transpose()?;
         let timer = TimerFd::new().map_err(RateLimiterError::CreateTimer)?;
         set_nonblocking(timer.as_raw_fd()).map_err(RateLimiterError::TimerNonBlocking)?;
-        Ok(Self { bandwidth, ops, timer, blocked_until: None })
+        // SAFETY: `timer` owns this descriptor and outlives the borrow, which only lasts for the
+        // duplication.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(timer.as_raw_fd()) };
+        let duplicate = borrowed.try_clone_to_owned().map_err(RateLimiterError::DuplicateTimer)?;
+        // SAFETY: `duplicate` is a descriptor we own, for the same timerfd; ownership passes to
+        // the new TimerFd, which closes it.
+        let wake = unsafe { TimerFd::from_raw_fd(duplicate.into_raw_fd()) };
+        let remote = Arc::new(Remote {
+            pending: Mutex::new(None),
+            dirty: AtomicBool::new(false),
+            wake: Mutex::new(wake),
+        });
+        Ok(Self { bandwidth, ops, timer, blocked_until: None, remote })
+    }
+
+    /// A handle through which other threads change this limiter's limits while it runs.
+    pub fn handle(&self) -> RateLimiterHandle {
+        RateLimiterHandle { remote: Arc::clone(&self.remote) }
+    }
+
+    /// Whether nothing is limited: no bucket, and not blocked. A device may skip
+    /// [`RateLimiter::consume`] then (after [`RateLimiter::apply_pending_updates`], so that a
+    /// handle's new limits are seen).
+    pub fn is_unlimited(&self) -> bool {
+        self.bandwidth.is_none() && self.ops.is_none() && self.blocked_until.is_none()
+    }
+
+    /// Applies the limits a [`RateLimiterHandle`] stored, if any; returns whether it did. Cheap
+    /// (one atomic load) when there are none. [`RateLimiter::consume`] and
+    /// [`RateLimiter::event_handler`] call it themselves.
+    pub fn apply_pending_updates(&mut self) -> bool {
+        self.remote.dirty.load(Ordering::SeqCst) && self.apply_pending_updates_at(Instant::now())
+    }
+
+    /// [`RateLimiter::apply_pending_updates`] with the clock reading `now`.
+    pub fn apply_pending_updates_at(&mut self, now: Instant) -> bool {
+        if !self.remote.dirty.swap(false, Ordering::SeqCst) {
+            return false;
+        }
+        let pending = lock(&self.remote.pending).take();
+        // The handle checked the limits, so this cannot fail; were it to, the old limits stay.
+        pending.is_some_and(|limits| self.set_limits_at(&limits, now).is_ok())
+    }
+
+    /// Replaces both limits: a bucket left out of `limits` is removed, one given is created or
+    /// changed as [`RateLimiter::update_buckets`] does.
+    pub fn set_limits(&mut self, limits: &RateLimiterConfig) -> Result<(), RateLimiterError> {
+        self.set_limits_at(limits, Instant::now())
+    }
+
+    /// [`RateLimiter::set_limits`] with the clock reading `now`.
+    pub fn set_limits_at(
+        &mut self,
+        limits: &RateLimiterConfig,
+        now: Instant,
+    ) -> Result<(), RateLimiterError> {
+        let replace = |bucket: Option<TokenBucketConfig>| {
+            bucket.map_or(BucketUpdate::Disabled, BucketUpdate::Update)
+        };
+        self.update_buckets_at(replace(limits.bandwidth), replace(limits.ops), now)
     }
 
     /// The bucket for `token_type`, if that type is limited.
@@ -151,7 +289,10 @@ impl RateLimiter {
     /// until the request would fit. A request larger than the whole bucket is granted once and
     /// leaves a debt (see [`TokenBucket::reduce_at`]); the limiter then blocks until the debt is
     /// paid. A type without a bucket is unlimited.
+    ///
+    /// Limits stored by a [`RateLimiterHandle`] are applied first.
     pub fn consume_at(&mut self, tokens: u64, token_type: TokenType, now: Instant) -> bool {
+        self.apply_pending_updates_at(now);
         if let Some(deadline) = self.blocked_until {
             if now < deadline {
                 return false;
@@ -184,6 +325,11 @@ impl RateLimiter {
         // and the device's next request after it goes through.
         let _ = self.timer.reset(wait, None);
         self.blocked_until = Some(now + wait);
+        // Arming replaced whatever a handle armed: if a handle stored limits meanwhile, fire at
+        // once so that they are applied now rather than at the old deadline.
+        if self.remote.dirty.load(Ordering::SeqCst) {
+            let _ = self.timer.reset(WAKE_NOW, None);
+        }
     }
 
     /// Gives back `tokens` of `token_type`, typically what a request took from one bucket before
@@ -194,18 +340,23 @@ impl RateLimiter {
         }
     }
 
-    /// Handles the timer's event: reads the timerfd and unblocks the limiter. Returns whether the
+    /// Handles the timer's event: reads the timerfd and unblocks the limiter, then applies the
+    /// limits a [`RateLimiterHandle`] stored, if any (which unblocks it too). Returns whether the
     /// timer had fired; `Ok(false)` (a spurious wake-up, say after an update disarmed the timer)
-    /// leaves the limiter as it was.
+    /// leaves the limiter as it was, but for a handle's limits.
     pub fn event_handler(&mut self) -> Result<bool, RateLimiterError> {
-        match self.timer.wait() {
+        // Read first, apply second: limits stored after the read come with a new firing.
+        let read = self.timer.wait();
+        let fired = match read {
             Ok(_) => {
                 self.blocked_until = None;
                 Ok(true)
             }
             Err(error) if error.errno() == libc::EAGAIN => Ok(false),
             Err(error) => Err(RateLimiterError::ReadTimer(error)),
-        }
+        };
+        self.apply_pending_updates();
+        fired
     }
 
     /// Changes the limits while the device runs. See [`RateLimiter::update_buckets_at`].
@@ -516,6 +667,138 @@ mod tests {
         assert!(limiter.event_handler().unwrap());
         assert!(!limiter.is_blocked());
         assert!(limiter.consume(1, TokenType::Ops));
+    }
+
+    fn config(
+        bandwidth: Option<TokenBucketConfig>,
+        ops: Option<TokenBucketConfig>,
+    ) -> Option<RateLimiterConfig> {
+        Some(RateLimiterConfig { bandwidth, ops })
+    }
+
+    /// Waits up to `ms` for the limiter's timer; returns whether it fired.
+    fn timer_fires_within(limiter: &RateLimiter, ms: i32) -> bool {
+        let mut pollfd = libc::pollfd { fd: limiter.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: `pollfd` is a valid, exclusively borrowed array of one element for the call.
+        let ready = unsafe { libc::poll(&mut pollfd, 1, ms) };
+        ready == 1
+    }
+
+    #[test]
+    fn handle_lifts_then_reimposes_a_different_limit() {
+        let t0 = Instant::now();
+        let mut limiter = limiter_at(None, limits(1, 0, 1000), t0);
+        let handle = limiter.handle();
+        assert!(limiter.consume_at(1, TokenType::Ops, t0));
+        assert!(!limiter.consume_at(1, TokenType::Ops, t0));
+        assert!(limiter.is_blocked());
+
+        // Lifted: the next request goes through, and every one after it.
+        handle.update(None).unwrap();
+        for _ in 0..1000 {
+            assert!(limiter.consume_at(1, TokenType::Ops, t0));
+            assert!(limiter.consume_at(1 << 30, TokenType::Bytes, t0));
+        }
+        assert!(limiter.is_unlimited());
+
+        // Re-imposed, differently: a bandwidth limit where there was none, ops at 3 a second.
+        // New buckets start full.
+        let clone = handle.clone();
+        clone.update(config(limits(1000, 0, 1000), limits(3, 0, 1000))).unwrap();
+        assert!(limiter.is_unlimited(), "applied by the limiter's thread, not the handle's");
+        assert!(limiter.apply_pending_updates());
+        assert!(!limiter.is_unlimited());
+        for _ in 0..3 {
+            assert!(limiter.consume_at(1, TokenType::Ops, t0));
+        }
+        assert!(!limiter.consume_at(1, TokenType::Ops, t0));
+        assert_eq!(limiter.blocked_until(), Some(t0 + 1000 * MS / 3 + Duration::from_nanos(1)));
+        assert_eq!(limiter.bucket(TokenType::Bytes).map(TokenBucket::size), Some(1000));
+
+        // Only the newest of several unapplied updates counts.
+        handle.update(config(None, limits(7, 0, 1000))).unwrap();
+        handle.update(config(limits(10, 0, 1000), None)).unwrap();
+        assert!(limiter.consume_at(1, TokenType::Ops, t0));
+        assert!(limiter.bucket(TokenType::Ops).is_none());
+        assert_eq!(budget(&limiter, TokenType::Bytes), 10);
+        assert!(!limiter.apply_pending_updates(), "nothing left to apply");
+    }
+
+    #[test]
+    fn handle_refuses_bad_limits_and_changes_nothing() {
+        let t0 = Instant::now();
+        let mut limiter = limiter_at(None, limits(1, 0, 1000), t0);
+        let zero = TokenBucketConfig { size: 0, one_time_burst: 0, refill_time_ms: 1000 };
+        let error = limiter.handle().update(config(Some(zero), None)).unwrap_err();
+        assert!(error.to_string().contains("invalid bandwidth limit"), "{error}");
+        assert!(!limiter.apply_pending_updates());
+        assert!(!timer_fires_within(&limiter, 0), "a refused update wakes nobody");
+        assert!(limiter.consume_at(1, TokenType::Ops, t0));
+        assert!(!limiter.consume_at(1, TokenType::Ops, t0));
+    }
+
+    #[test]
+    fn handle_wakes_a_limiter_waiting_on_its_timer() {
+        // One operation a day: the second request waits (the timer is armed for a day).
+        let mut limiter =
+            RateLimiter::new(&RateLimiterConfig { bandwidth: None, ops: limits(1, 0, 86_400_000) })
+                .unwrap();
+        assert!(limiter.consume(1, TokenType::Ops));
+        assert!(!limiter.consume(1, TokenType::Ops));
+        assert!(!timer_fires_within(&limiter, 20));
+
+        // Another thread lifts the limit; the waiting device wakes at once.
+        let handle = limiter.handle();
+        std::thread::spawn(move || handle.update(None).unwrap()).join().unwrap();
+        assert!(timer_fires_within(&limiter, 1000), "the update did not wake the limiter");
+        assert!(limiter.event_handler().unwrap());
+        assert!(limiter.is_unlimited());
+        assert!(limiter.consume(1, TokenType::Ops));
+
+        // And again the other way: a limit where none was, taken up by the event handler.
+        limiter.handle().update(config(None, limits(2, 0, 86_400_000))).unwrap();
+        assert!(timer_fires_within(&limiter, 1000));
+        assert!(limiter.event_handler().unwrap());
+        assert_eq!(budget(&limiter, TokenType::Ops), 2);
+        assert!(limiter.consume(2, TokenType::Ops));
+        assert!(!limiter.consume(1, TokenType::Ops));
+        // The refusal armed the timer for its own wait; nothing fires early.
+        assert!(!timer_fires_within(&limiter, 20));
+    }
+
+    #[test]
+    fn limits_stored_while_a_refusal_arms_the_timer_still_wake() {
+        // The race the re-check in `block` closes: new limits stored after `consume` looked for
+        // them but before its refusal armed the timer for the old wait. Stored by hand here, as
+        // a handle's update between the two steps would leave them.
+        let t0 = Instant::now();
+        let mut limiter = limiter_at(None, limits(1, 0, 86_400_000), t0);
+        assert!(limiter.consume_at(1, TokenType::Ops, t0));
+        *lock(&limiter.remote.pending) = config(None, None);
+        limiter.remote.dirty.store(true, Ordering::SeqCst);
+        limiter.block(t0, Duration::from_secs(3600));
+        assert!(timer_fires_within(&limiter, 1000), "the stored limits were not woken for");
+        assert!(limiter.event_handler().unwrap());
+        assert!(limiter.is_unlimited());
+    }
+
+    #[test]
+    fn handles_are_send_and_sync() {
+        fn check<T: Send + Sync + Clone>() {}
+        check::<RateLimiterHandle>();
+    }
+
+    #[test]
+    fn set_limits_replaces_both_buckets() {
+        let t0 = Instant::now();
+        let mut limiter = limiter_at(limits(1000, 0, 1000), None, t0);
+        limiter
+            .set_limits_at(&RateLimiterConfig { bandwidth: None, ops: limits(5, 0, 1000) }, t0)
+            .unwrap();
+        assert!(limiter.bucket(TokenType::Bytes).is_none());
+        assert_eq!(budget(&limiter, TokenType::Ops), 5);
+        limiter.set_limits_at(&RateLimiterConfig::default(), t0).unwrap();
+        assert!(limiter.is_unlimited());
     }
 
     #[test]
