@@ -66,9 +66,11 @@ struct RunArgs {
     /// mmio (virtio-mmio windows, at most 8 devices).
     #[arg(long, value_enum, default_value_t = Transport::Pci)]
     virtio_transport: Transport,
-    /// Attach a virtio-blk disk: path=FILE[,readonly=on|off][,serial=ID][,bandwidth=SIZE[/PERIOD]]
-    /// [,bandwidth_burst=SIZE][,ops=N[/PERIOD]][,ops_burst=N]; repeat for more disks (the
-    /// guest numbers them in this order).
+    /// Attach a virtio-blk disk: path=FILE[,readonly=on|off][,direct=on|off][,serial=ID]
+    /// [,bandwidth=SIZE[/PERIOD]][,bandwidth_burst=SIZE][,ops=N[/PERIOD]][,ops_burst=N];
+    /// direct=on opens the image with O_DIRECT (no host page cache; the file system must
+    /// support it and the image be whole 512-byte sectors). Repeat for more disks (the guest
+    /// numbers them in this order).
     #[arg(long, value_parser = parse_disk)]
     disk: Vec<vmm::DiskConfig>,
 }
@@ -85,6 +87,7 @@ enum Transport {
 fn parse_disk(s: &str) -> Result<vmm::DiskConfig, String> {
     let mut path = None;
     let mut read_only = false;
+    let mut direct = false;
     let mut serial = String::new();
     let mut limits = Vec::new();
     for part in s.split(',') {
@@ -100,13 +103,20 @@ fn parse_disk(s: &str) -> Result<vmm::DiskConfig, String> {
                     _ => return Err(format!("invalid readonly '{value}': use on or off")),
                 }
             }
+            "direct" => {
+                direct = match value {
+                    "on" | "true" => true,
+                    "off" | "false" => false,
+                    _ => return Err(format!("invalid direct '{value}': use on or off")),
+                }
+            }
             "serial" if value.len() <= 20 => serial = value.to_string(),
             "serial" => return Err(format!("serial '{value}' is longer than 20 bytes")),
             "bandwidth" | "bandwidth_burst" | "ops" | "ops_burst" => limits.push(part),
             _ => {
                 return Err(format!(
-                    "invalid disk option '{part}': use path=, readonly=, serial=, bandwidth=, \
-                     bandwidth_burst=, ops= or ops_burst="
+                    "invalid disk option '{part}': use path=, readonly=, direct=, serial=, \
+                     bandwidth=, bandwidth_burst=, ops= or ops_burst="
                 ))
             }
         }
@@ -118,7 +128,7 @@ fn parse_disk(s: &str) -> Result<vmm::DiskConfig, String> {
         let config = limits.join(",").parse::<rate_limiter::RateLimiterConfig>();
         Some(config.map_err(|e| format!("invalid disk rate limit: {e}"))?)
     };
-    Ok(vmm::DiskConfig { path, read_only, serial, rate_limit })
+    Ok(vmm::DiskConfig { path, read_only, serial, rate_limit, direct })
 }
 
 fn parse_serial(s: &str) -> Result<SerialOutput, String> {

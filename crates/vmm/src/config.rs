@@ -93,6 +93,8 @@ pub struct DiskConfig {
     pub serial: String,
     /// Bandwidth and operation limits.
     pub rate_limit: Option<rate_limiter::RateLimiterConfig>,
+    /// Open the image with `O_DIRECT`, bypassing the host's page cache.
+    pub direct: bool,
 }
 
 impl VmConfig {

@@ -258,6 +258,9 @@ impl Vm {
             if let Some(limit) = &disk.rate_limit {
                 block = block.with_rate_limit(limit)?;
             }
+            if disk.direct {
+                block = block.with_direct_io()?;
+            }
             virtio.push(Box::new(block));
         }
         if config.rng {
