@@ -1,5 +1,5 @@
 //! Port I/O from ring 3 (allowed by the TSS I/O bitmap): the serial console, power-off, the
-//! debug-exit and boot-timer ports, and the LAPIC.
+//! debug-exit and boot-timer ports, PCI configuration space, and the LAPIC.
 
 use core::fmt;
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +25,24 @@ pub fn outw(port: u16, value: u16) {
     unsafe {
         core::arch::asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags))
     }
+}
+
+/// Writes a 32-bit word to a port.
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: as outb.
+    unsafe {
+        core::arch::asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
+/// Reads a 32-bit word from a port.
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: as outb.
+    unsafe {
+        core::arch::asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags))
+    }
+    value
 }
 
 /// Reads a byte from a port.

@@ -12,6 +12,7 @@ mod cpu;
 mod entry;
 mod io;
 mod md5;
+mod pci;
 mod scenarios;
 mod smp;
 mod virtio;

@@ -34,7 +34,7 @@ fn map_gib(gib: usize) -> bool {
 }
 
 /// Where testable memory starts: past the image, the per-vCPU areas, and 2 MiB aligned.
-fn first_free(cpus: usize) -> u64 {
+pub(super) fn first_free(cpus: usize) -> u64 {
     (entry::image_end() + PERCPU_SIZE * cpus as u64).next_multiple_of(2 << 20)
 }
 

@@ -5,12 +5,14 @@
 use crate::bootinfo::BootInfo;
 use crate::{io, println};
 
+mod devices;
 mod disk;
 mod echo;
 mod exit;
 mod fault;
 mod hello;
 mod mem;
+mod msix;
 mod pio;
 mod powerbutton;
 mod reboot;
@@ -33,6 +35,8 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("pio", pio::run),
     ("powerbutton", powerbutton::run),
     ("rng", rng::run),
+    ("virtio", devices::run),
+    ("msix", msix::run),
     ("reboot", reboot::run),
     ("fault", fault::run),
 ];
