@@ -1,10 +1,11 @@
-//! virtio devices through the test guest's polling virtio-mmio driver (docs/test-guest.md).
+//! virtio devices through the test guest's polling drivers (docs/test-guest.md): over virtio-pci,
+//! the default, unless a test names `--virtio-transport mmio`.
 
 mod common;
 
 use common::guest;
 
-/// `--rng` attaches virtio-rng at the first virtio-mmio window; the guest finds it from the
+/// `--rng --virtio-transport mmio` attaches virtio-rng at the first virtio-mmio window; the guest finds it from the
 /// command line, negotiates, and reads two different 64-byte draws.
 #[test]
 fn rng_over_virtio_mmio() {
@@ -12,7 +13,11 @@ fn rng_over_virtio_mmio() {
         return;
     }
     for cpus in ["1", "2"] {
-        let out = guest("console=ttyS0 hello rng", &["--rng", "--cpus", cpus]).run();
+        let out = guest(
+            "console=ttyS0 hello rng",
+            &["--rng", "--virtio-transport", "mmio", "--cpus", cpus],
+        )
+        .run();
         out.assert_clean_exit();
         out.assert_line("cmdline: console=ttyS0 hello rng virtio_mmio.device=4K@0xd0000000:16");
         out.assert_line("rng: read 64 + 64 bytes from virtio-rng at 0xd0000000: ok");

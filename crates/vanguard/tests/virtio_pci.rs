@@ -41,12 +41,12 @@ fn pci_functions_in_flag_order_serve_disks_and_entropy() {
         let disk0 = format!("path={}", d0.display());
         let disk1 = format!("path={},readonly=on", d1.display());
         let out = guest(
-            "console=ttyS0 virtio disk rng",
+            "console=ttyS0 hello virtio disk rng",
             &["--cpus", cpus, "--disk", &disk0, "--disk", &disk1, "--rng"],
         )
         .run();
         out.assert_clean_exit();
-        out.assert_line("cmdline: console=ttyS0 virtio disk rng");
+        out.assert_line("cmdline: console=ttyS0 hello virtio disk rng");
         out.assert_lines_in_order(&[
             "virtio: pci 00:01.0 type 2",
             "virtio: pci 00:01.0 bar0 0xc0000000 msix 2",
@@ -90,13 +90,13 @@ fn mmio_transport_on_request() {
     let m0 = host_md5(&d0);
     let disk0 = format!("path={}", d0.display());
     let out = guest(
-        "console=ttyS0 virtio disk",
+        "console=ttyS0 hello virtio disk",
         &["--virtio-transport", "mmio", "--disk", &disk0, "--rng"],
     )
     .run();
     out.assert_clean_exit();
     out.assert_line(
-        "cmdline: console=ttyS0 virtio disk virtio_mmio.device=4K@0xd0000000:16 \
+        "cmdline: console=ttyS0 hello virtio disk virtio_mmio.device=4K@0xd0000000:16 \
          virtio_mmio.device=4K@0xd0001000:17",
     );
     out.assert_line(&format!("disk0 md5 {m0}"));
