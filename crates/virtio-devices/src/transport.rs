@@ -95,9 +95,7 @@ fn worker_loop(
     }
     let queue_count = notifiers.len();
     loop {
-        let nfds = libc::nfds_t::try_from(fds.len()).unwrap_or(0);
-        // SAFETY: `fds` is a valid array of `nfds` pollfd structures for the duration.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), nfds, -1) };
+        let ready = wait_for_work(&mut fds);
         if ready < 0 {
             if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
                 continue;
@@ -124,6 +122,33 @@ fn worker_loop(
                 }
             }
         }
+    }
+}
+
+/// How long the worker keeps checking for the next notification before it sleeps. A sleeping
+/// worker's CPU goes idle, and waking it costs more than serving a 4 KiB read from the page
+/// cache: measured on our hosts, 4 KiB reads at queue depth 1 took ~34k TSC cycles each with
+/// the worker sleeping at once and ~18k with 32-50 us of polling. QEMU's IOThreads poll for up
+/// to 32 us by default for the same reason. The cost is at most this much CPU after each
+/// burst of requests; an idle device costs nothing.
+const BUSY_POLL: std::time::Duration = std::time::Duration::from_micros(32);
+
+/// Waits until a descriptor in `fds` is ready: polls without sleeping for [`BUSY_POLL`], then
+/// sleeps. Returns poll(2)'s result.
+fn wait_for_work(fds: &mut [libc::pollfd]) -> libc::c_int {
+    let nfds = libc::nfds_t::try_from(fds.len()).unwrap_or(0);
+    let deadline = std::time::Instant::now() + BUSY_POLL;
+    loop {
+        // SAFETY: `fds` is a valid array of `nfds` pollfd structures for the duration.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), nfds, 0) };
+        if ready != 0 {
+            return ready;
+        }
+        if std::time::Instant::now() >= deadline {
+            // SAFETY: as above.
+            return unsafe { libc::poll(fds.as_mut_ptr(), nfds, -1) };
+        }
+        std::hint::spin_loop();
     }
 }
 
