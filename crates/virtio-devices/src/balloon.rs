@@ -159,10 +159,9 @@ impl Balloon {
             return false;
         };
         // The range must lie in one region, or be split by the caller; check both ends.
-        let (Ok(start), Ok(last)) = (
-            mem.get_host_address(GuestAddress(gpa)),
-            mem.get_host_address(GuestAddress(end - 1)),
-        ) else {
+        let (Ok(start), Ok(last)) =
+            (mem.get_host_address(GuestAddress(gpa)), mem.get_host_address(GuestAddress(end - 1)))
+        else {
             return false;
         };
         if (last as usize).wrapping_sub(start as usize) != size - 1 {
@@ -438,12 +437,7 @@ mod tests {
         let vq = MockSplitQueue::new(&mem, 16);
         // Outside guest memory, at the top of the PFN space, and a buffer that is writable.
         post_pfns(&mem, &vq, &[u32::try_from(MEM / PAGE_SIZE).unwrap(), u32::MAX]);
-        let descs = [RawDescriptor::from(Descriptor::new(
-            0x5000,
-            8,
-            VRING_DESC_F_WRITE as u16,
-            0,
-        ))];
+        let descs = [RawDescriptor::from(Descriptor::new(0x5000, 8, VRING_DESC_F_WRITE as u16, 0))];
         vq.add_desc_chains(&descs, 1).unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
         let mut b = Balloon::new(0, false).unwrap();

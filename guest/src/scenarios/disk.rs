@@ -341,7 +341,7 @@ pub fn run_bench(info: &BootInfo, arg: Option<&str>) -> bool {
 /// `bytes` of usable RAM below 4 GiB (identity-mapped) that the guest does not otherwise use:
 /// past its image and per-vCPU areas. Every page is touched once, so that the host's first
 /// touch of guest memory is not part of a timed pass.
-fn scratch(info: &BootInfo, bytes: u64) -> Option<u64> {
+pub(super) fn scratch(info: &BootInfo, bytes: u64) -> Option<u64> {
     let cpus = crate::smp::PRESENT.load(core::sync::atomic::Ordering::Relaxed);
     let floor = super::mem::first_free(cpus);
     let start = info.ram().iter().find_map(|r| {
