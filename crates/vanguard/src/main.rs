@@ -28,6 +28,44 @@ enum Command {
     /// Measure boot time, memory overhead and exit cost (see docs/performance.md).
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// Serve a Vanguard device model to another VMM over a vhost-user socket (docs/virtio.md).
+    #[command(subcommand)]
+    VhostUser(VhostUserCommand),
+}
+
+#[derive(Subcommand)]
+enum VhostUserCommand {
+    /// A virtio-blk disk on a raw image (vhost-user-blk); serves one frontend, then exits.
+    Blk(VhostUserBlkArgs),
+}
+
+#[derive(clap::Args)]
+struct VhostUserBlkArgs {
+    /// The Unix socket to listen on; a stale socket there is replaced, anything else refused.
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// The raw disk image.
+    #[arg(long, value_name = "FILE")]
+    image: PathBuf,
+    /// Open the image read-only: the driver sees a read-only disk and writes fail.
+    #[arg(long)]
+    readonly: bool,
+    /// What the guest reads as the disk's ID (up to 20 bytes).
+    #[arg(long, value_name = "ID", default_value = "", value_parser = parse_disk_serial)]
+    serial: String,
+    /// Open the image with O_DIRECT (no host page cache).
+    #[arg(long)]
+    direct: bool,
+    /// Queues offered (the frontend may use fewer).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    queues: u16,
+}
+
+fn parse_disk_serial(s: &str) -> Result<String, String> {
+    if s.len() > 20 {
+        return Err("longer than 20 bytes".to_string());
+    }
+    Ok(s.to_string())
 }
 
 #[derive(clap::Args)]
@@ -191,6 +229,30 @@ fn report(err: &dyn std::error::Error) {
     eprintln!("{text}");
 }
 
+/// `vanguard vhost-user blk`: serves one frontend; 0 when it disconnects or on SIGTERM/SIGINT.
+fn vhost_user_blk(args: VhostUserBlkArgs) -> ExitCode {
+    let options = vhost_user_backends::BlkOptions {
+        socket: args.socket,
+        image: args.image,
+        read_only: args.readonly,
+        serial: args.serial,
+        direct: args.direct,
+        queues: args.queues,
+    };
+    let log = |line: &str| println!("vanguard: vhost-user blk: {line}");
+    match vhost_user_backends::serve_blk(&options, log) {
+        Ok(vhost_user_backends::End::Disconnected) => {
+            log("frontend disconnected; exiting");
+            ExitCode::SUCCESS
+        }
+        Ok(vhost_user_backends::End::Signal(_)) => ExitCode::SUCCESS,
+        Err(e) => {
+            report(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let start = Instant::now();
     let cli = Cli::parse();
@@ -207,6 +269,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::VhostUser(VhostUserCommand::Blk(args)) => vhost_user_blk(args),
         Command::Bench(which) => match bench::run(which) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
