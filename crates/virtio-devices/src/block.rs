@@ -480,6 +480,18 @@ impl Block {
         Ok(self)
     }
 
+    /// The rate limiter's timer, which the worker waits on: always there, limits or not, since
+    /// a handle may add limits, or wake the worker, later.
+    pub fn timer_fd(&self) -> std::os::fd::RawFd {
+        self.limiter.as_raw_fd()
+    }
+
+    /// The timer fired: Ok(false) is a spurious wake-up; errors leave the limiter to unblock
+    /// on its deadline at the next request. Limits stored by a handle are applied here.
+    pub fn timer_fired(&mut self) {
+        let _ = self.limiter.event_handler();
+    }
+
     /// Whether the image is open with `O_DIRECT`.
     pub fn direct_io(&self) -> bool {
         self.direct.is_some()
@@ -638,15 +650,12 @@ impl VirtioDevice for Block {
         f
     }
 
-    fn timer_fd(&self) -> Option<std::os::fd::RawFd> {
-        // Always there, limits or not: a handle may add limits, or wake the worker, later.
-        Some(self.limiter.as_raw_fd())
+    fn event_fds(&self) -> Vec<std::os::fd::RawFd> {
+        vec![self.timer_fd()]
     }
 
-    fn timer_fired(&mut self) {
-        // Ok(false) is a spurious wake-up; errors leave the limiter to unblock on its
-        // deadline at the next request. Limits stored by a handle are applied here.
-        let _ = self.limiter.event_handler();
+    fn event_ready(&mut self, _which: usize) {
+        self.timer_fired();
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -1254,7 +1263,7 @@ mod tests {
 
     /// Waits up to `ms` for the device's timer to fire.
     fn timer_fires_within(dev: &Block, ms: i32) -> bool {
-        let fd = dev.timer_fd().expect("every disk has a timer");
+        let fd = dev.timer_fd();
         let mut pollfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
         // SAFETY: `pollfd` is a valid, exclusively borrowed array of one element for the call.
         unsafe { libc::poll(&mut pollfd, 1, ms) == 1 }

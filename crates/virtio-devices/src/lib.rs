@@ -1,10 +1,12 @@
 //! Virtio devices and their transports.
 //!
 //! Every device implements [`VirtioDevice`]: what it offers (type, features, queues, config
-//! space) and what it does when the driver makes buffers available. Transports (today
-//! [`mmio::MmioTransport`], virtio-mmio version 2) hold the driver-visible state — status,
-//! negotiated features, queue addresses — and validate everything the driver writes before a
-//! device sees it. Guest memory and the driver are hostile: a malformed request fails that
+//! space), what it does when the driver makes buffers available, and which other descriptors
+//! (timers, a TAP) its worker thread waits on. Devices: [`block`], [`rng`].
+//! Transports ([`pci::VirtioPci`], [`mmio::MmioTransport`]) decode registers into
+//! [`transport::VirtioCore`], which holds the driver-visible state — status, negotiated
+//! features, queue addresses — and validates everything the driver writes before a device
+//! sees it. Guest memory and the driver are hostile: a malformed request fails that
 //! request or marks the device NEEDS_RESET; it never panics the VMM.
 
 pub mod block;
@@ -13,6 +15,7 @@ pub mod pci;
 pub mod rng;
 pub mod transport;
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -76,13 +79,30 @@ pub trait VirtioDevice: Send {
     ) -> Result<bool, DeviceError>;
     /// Forgets any per-driver state (the transport resets the queues).
     fn reset(&mut self) {}
-    /// A descriptor the worker also waits on (a rate limiter's timer); when it becomes
-    /// readable the worker calls [`VirtioDevice::timer_fired`] and serves every queue again.
-    fn timer_fd(&self) -> Option<std::os::fd::RawFd> {
-        None
+    /// The driver set FEATURES_OK and the transport accepted `features` (offered ones only,
+    /// VERSION_1 among them): the device adapts to them (a network device tells its TAP which
+    /// offloads the driver takes). Called again after every reset and renegotiation.
+    fn ack_features(&mut self, features: u64) {
+        let _ = features;
     }
-    /// The descriptor from [`VirtioDevice::timer_fd`] fired.
-    fn timer_fired(&mut self) {}
+    /// Descriptors the worker thread waits on besides the queue notifications: a rate
+    /// limiter's timer, a TAP device, ... Asked once each time the worker starts; the list
+    /// must stay valid (open) while the device lives.
+    fn event_fds(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+    /// Whether the worker should wait on `event_fds()[which]` now. Asked before every wait:
+    /// a level-triggered descriptor the device cannot serve yet (a readable TAP with no
+    /// receive buffers) would otherwise wake the worker in a loop.
+    fn event_wanted(&self, which: usize) -> bool {
+        let _ = which;
+        true
+    }
+    /// `event_fds()[which]` became readable: the device takes note (reads its timer, marks
+    /// its TAP readable); the worker then serves every queue, as if each had been notified.
+    fn event_ready(&mut self, which: usize) {
+        let _ = which;
+    }
 }
 
 /// Serves every chain available on `queue`: `serve` handles one and returns the length it

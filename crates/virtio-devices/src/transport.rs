@@ -7,6 +7,12 @@
 //! for the device: each queue's notification is an eventfd the vCPU signals without leaving
 //! the kernel, and the worker serves the queue and raises the interrupt (an irqfd), so a
 //! request costs no exit to userspace. A reset stops the worker before anything changes.
+//!
+//! The worker also waits on the device's own descriptors ([`VirtioDevice::event_fds`]: a
+//! rate limiter's timer, a TAP that has frames to receive). Before each wait it asks the
+//! device which of them it wants ([`VirtioDevice::event_wanted`]), so that a descriptor the
+//! device cannot serve yet (a readable TAP with no receive buffers) does not wake it in a
+//! loop; when one fires it calls [`VirtioDevice::event_ready`] and serves every queue.
 
 use crate::{status, VirtioDevice, VIRTIO_F_VERSION_1};
 use devices::bus::lock;
@@ -88,13 +94,22 @@ fn worker_loop(
         .chain(&notifiers)
         .map(|e| libc::pollfd { fd: e.as_raw_fd(), events: libc::POLLIN, revents: 0 })
         .collect();
-    // The device's own timer (a rate limiter), if any, is polled last.
-    let timer = lock(&shared).device.timer_fd();
-    if let Some(fd) = timer {
-        fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
-    }
+    // The device's own descriptors (rate limiter timers, a TAP), if any, come last.
+    let events = lock(&shared).device.event_fds();
+    fds.extend(events.iter().map(|fd| libc::pollfd { fd: *fd, events: libc::POLLIN, revents: 0 }));
     let queue_count = notifiers.len();
+    let first_event = queue_count + 1;
     loop {
+        if !events.is_empty() {
+            // poll(2) skips negative descriptors: that is how an event the device cannot
+            // serve yet stays out of this wait.
+            let shared = lock(&shared);
+            for (which, fd) in events.iter().enumerate() {
+                if let Some(pfd) = fds.get_mut(first_event + which) {
+                    pfd.fd = if shared.device.event_wanted(which) { *fd } else { -1 };
+                }
+            }
+        }
         let ready = wait_for_work(&mut fds);
         if ready < 0 {
             if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
@@ -105,19 +120,28 @@ fn worker_loop(
         if fds[0].revents != 0 {
             return;
         }
-        if timer.is_some() && fds[queue_count + 1].revents & libc::POLLIN != 0 {
-            lock(&shared).device.timer_fired();
-            for index in 0..queue_count {
-                if let Ok(index) = u16::try_from(index) {
-                    serve(&shared, &signals, &mem, index);
-                }
+        // The device's events first; any of them means every queue is served again.
+        let mut serve_all = false;
+        for (which, pfd) in fds.iter().skip(first_event).enumerate() {
+            if pfd.fd >= 0 && pfd.revents != 0 {
+                lock(&shared).device.event_ready(which);
+                serve_all = true;
             }
         }
         for (i, pfd) in fds.iter().enumerate().skip(1).take(queue_count) {
             if pfd.revents & libc::POLLIN != 0 {
                 // Reading clears the count; several notifications are served as one pass.
                 let _ = notifiers[i - 1].read();
-                if let Ok(index) = u16::try_from(i - 1) {
+                if !serve_all {
+                    if let Ok(index) = u16::try_from(i - 1) {
+                        serve(&shared, &signals, &mem, index);
+                    }
+                }
+            }
+        }
+        if serve_all {
+            for index in 0..queue_count {
+                if let Ok(index) = u16::try_from(index) {
                     serve(&shared, &signals, &mem, index);
                 }
             }
@@ -355,10 +379,13 @@ impl VirtioCore {
         let added = value & !self.status;
         let mut new = value & !status::DEVICE_NEEDS_RESET;
         if added & status::FEATURES_OK != 0 {
-            let offered = lock(&self.shared).device.features();
+            let mut shared = lock(&self.shared);
+            let offered = shared.device.features();
             let acceptable = self.driver_features & !offered == 0
                 && self.driver_features & VIRTIO_F_VERSION_1 != 0;
-            if !acceptable {
+            if acceptable {
+                shared.device.ack_features(self.driver_features);
+            } else {
                 new &= !status::FEATURES_OK;
             }
         }
@@ -471,4 +498,169 @@ impl Drop for VirtioCore {
 
 fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
     device.queue_max_sizes().iter().filter_map(|size| Queue::new(*size).ok()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DeviceError;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::{Duration, Instant};
+    use vm_memory::GuestAddress;
+
+    /// What the test device saw, shared with the test.
+    #[derive(Default)]
+    struct Seen {
+        acked: Mutex<Vec<u64>>,
+        events: AtomicUsize,
+        served: AtomicUsize,
+        wanted: AtomicBool,
+    }
+
+    /// A device with one queue and one event descriptor (an eventfd the test signals and the
+    /// device never reads, so it stays readable: level-triggered, like a TAP with frames).
+    struct EventDevice {
+        seen: Arc<Seen>,
+        event: EventFd,
+    }
+
+    impl VirtioDevice for EventDevice {
+        fn device_type(&self) -> u32 {
+            4
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn features(&self) -> u64 {
+            VIRTIO_F_VERSION_1 | 1
+        }
+        fn process_queue(
+            &mut self,
+            _mem: &GuestMemoryMmap,
+            _index: u16,
+            _queue: &mut Queue,
+        ) -> Result<bool, DeviceError> {
+            self.seen.served.fetch_add(1, Ordering::SeqCst);
+            Ok(false)
+        }
+        fn ack_features(&mut self, features: u64) {
+            lock(&self.seen.acked).push(features);
+        }
+        fn event_fds(&self) -> Vec<std::os::fd::RawFd> {
+            vec![self.event.as_raw_fd()]
+        }
+        fn event_wanted(&self, which: usize) -> bool {
+            which == 0 && self.seen.wanted.load(Ordering::SeqCst)
+        }
+        fn event_ready(&mut self, which: usize) {
+            assert_eq!(which, 0);
+            self.seen.events.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    struct NoInterrupt;
+    impl Interrupt for NoInterrupt {
+        fn queue(&self, _index: u16) {}
+        fn config(&self) {}
+    }
+
+    /// Keeps the queue's eventfd, to signal it as KVM would.
+    #[derive(Default)]
+    struct Registrar(Mutex<Option<EventFd>>);
+    impl NotifyRegistrar for Registrar {
+        fn register(&self, _: u64, _: Option<u32>, fd: &EventFd) -> std::io::Result<()> {
+            *lock(&self.0) = Some(fd.try_clone()?);
+            Ok(())
+        }
+        fn unregister(&self, _: u64, _: Option<u32>, _: &EventFd) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn core_with(seen: &Arc<Seen>, event: &EventFd) -> (VirtioCore, Arc<Registrar>) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let device = EventDevice { seen: seen.clone(), event: event.try_clone().unwrap() };
+        let mut core = VirtioCore::new(Box::new(device), mem, Arc::new(NoInterrupt));
+        let registrar = Arc::new(Registrar::default());
+        core.set_notifier(registrar.clone(), vec![(0x1000, None)]);
+        (core, registrar)
+    }
+
+    fn negotiate(core: &mut VirtioCore, high: u32, low: u32) -> u32 {
+        use status::{ACKNOWLEDGE, DRIVER, FEATURES_OK};
+        core.set_status(ACKNOWLEDGE);
+        core.set_status(ACKNOWLEDGE | DRIVER);
+        core.driver_features_select = 0;
+        core.set_driver_features(low);
+        core.driver_features_select = 1;
+        core.set_driver_features(high);
+        core.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        core.status()
+    }
+
+    fn wait_until(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn accepted_features_reach_the_device_and_refused_ones_do_not() {
+        let seen = Arc::new(Seen::default());
+        let event = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let (mut core, _) = core_with(&seen, &event);
+        // Bit 2 was not offered: FEATURES_OK does not hold, and the device hears nothing.
+        assert_eq!(negotiate(&mut core, 1, 4) & status::FEATURES_OK, 0);
+        assert!(lock(&seen.acked).is_empty());
+        core.set_status(0);
+        assert_ne!(negotiate(&mut core, 1, 1) & status::FEATURES_OK, 0);
+        assert_eq!(*lock(&seen.acked), vec![VIRTIO_F_VERSION_1 | 1]);
+    }
+
+    /// The worker waits on the device's descriptor only while the device wants it: a
+    /// descriptor that stays readable wakes it once per wait while wanted, never while not;
+    /// each wake-up serves the queue.
+    #[test]
+    fn the_worker_waits_on_device_events_only_while_wanted() {
+        let seen = Arc::new(Seen::default());
+        seen.wanted.store(true, Ordering::SeqCst);
+        let event = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let (mut core, registrar) = core_with(&seen, &event);
+        negotiate(&mut core, 1, 0);
+        core.set_queue_size(16);
+        for (which, addr) in [(0u8, 0x1000u32), (1, 0x2000), (2, 0x3000)] {
+            core.set_queue_address(which, Some(addr), Some(0));
+        }
+        core.set_queue_ready(true);
+        core.set_status(core.status() | status::DRIVER_OK);
+        assert_ne!(core.status() & status::DRIVER_OK, 0);
+
+        // Not readable yet: nothing happens.
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(seen.events.load(Ordering::SeqCst), 0);
+        // Readable and never read: while wanted, the device hears of it again and again, and
+        // each time the queue is served.
+        event.write(1).unwrap();
+        wait_until("repeated events", || seen.events.load(Ordering::SeqCst) >= 3);
+        assert!(seen.served.load(Ordering::SeqCst) >= 3);
+        // Not wanted: after the wait in progress, it is left alone although still readable.
+        seen.wanted.store(false, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(20));
+        let events = seen.events.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(seen.events.load(Ordering::SeqCst), events, "woken by an unwanted event");
+        // A queue notification still serves the queue, without an event.
+        let served = seen.served.load(Ordering::SeqCst);
+        lock(&registrar.0).as_ref().expect("the queue's eventfd").write(1).unwrap();
+        wait_until("the notification", || seen.served.load(Ordering::SeqCst) > served);
+        assert_eq!(seen.events.load(Ordering::SeqCst), events);
+        // Wanted again: the next wait sees it (a notification makes the worker ask).
+        seen.wanted.store(true, Ordering::SeqCst);
+        lock(&registrar.0).as_ref().expect("the queue's eventfd").write(1).unwrap();
+        wait_until("the event again", || seen.events.load(Ordering::SeqCst) > events);
+        seen.wanted.store(false, Ordering::SeqCst);
+        drop(core);
+    }
 }
