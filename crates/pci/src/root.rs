@@ -114,7 +114,7 @@ impl PciRoot {
             }
             let hit = (0..crate::config::BAR_COUNT).find_map(|i| {
                 let (base, size) = guard.config().bar(i)?;
-                (addr >= base && end <= base.checked_add(size)?).then_some((i, addr - base))
+                (addr >= base && end <= base.checked_add(size)?).then(|| (i, addr - base))
             });
             if let Some((bar, offset)) = hit {
                 return Some(f(&mut *guard, bar, offset));
