@@ -1,13 +1,17 @@
 //! A polling virtio driver for two transports: virtio-pci (modern, virtio 1.x section 4.1:
 //! functions on PCI bus 0, registers in the BARs their vendor capabilities name) and
 //! virtio-mmio version 2 (windows named by the `virtio_mmio.device=` words on the command
-//! line). It negotiates VIRTIO_F_VERSION_1 only and runs split virtqueue 0 out of static,
-//! identity-mapped memory. Interrupts stay off; completion is polled in the used ring.
+//! line). It negotiates VIRTIO_F_VERSION_1 (plus what a caller asks for and the device offers)
+//! and runs split virtqueues (queue 0, or queues 0 and 1 for a network card) out of static,
+//! identity-mapped memory, one ring page per queue. Interrupts stay off; completion is polled
+//! in the used ring.
 //!
-//! Requests are chains of descriptors taken from a free list, so several can be in flight (up
-//! to 128 descriptors' worth): `post` chains, `notify` once, and reap completions with
-//! `poll`/`wait` in whatever order the device finishes them, matched by the head descriptor
-//! `post` returned. `submit` and `fill` are one request at a time.
+//! Requests are chains of descriptors taken from a queue's free list, so several can be in
+//! flight (up to 128 descriptors' worth): `post` chains, `notify` once, and reap completions
+//! with `poll`/`wait` in whatever order the device finishes them, matched by the head
+//! descriptor `post` returned. `submit` and `fill` are one request at a time. The methods
+//! without a queue argument use queue 0; `post_to`, `notify_queue`, `poll_queue` and
+//! `wait_queue` name the queue.
 
 use crate::bootinfo::BootInfo;
 use crate::io;
@@ -75,9 +79,13 @@ const TIMEOUT: u64 = 10_000_000_000;
 /// Ring memory for one queue.
 #[repr(C, align(4096))]
 struct RingPage([u8; 4096]);
-/// Most devices the driver handles: one ring page each, by position in `devices`.
+/// Most devices the driver handles, by position in `devices`.
 const MAX_DEVICES: usize = 32;
-static mut RINGS: [RingPage; MAX_DEVICES] = [const { RingPage([0; 4096]) }; MAX_DEVICES];
+/// Most queues the driver runs on one device (a network card's receive and transmit queues).
+pub const MAX_QUEUES: usize = 2;
+/// One ring page per queue: device n's queue q has page n * MAX_QUEUES + q.
+static mut RINGS: [RingPage; MAX_DEVICES * MAX_QUEUES] =
+    [const { RingPage([0; 4096]) }; MAX_DEVICES * MAX_QUEUES];
 
 /// The virtio-mmio windows named on the command line (`virtio_mmio.device=4K@0xd0000000:16`).
 pub fn windows(info: &BootInfo) -> impl Iterator<Item = u64> + '_ {
@@ -163,8 +171,8 @@ fn write32(addr: u64, value: u32) {
     unsafe { core::ptr::write_volatile(addr as *mut u32, value) }
 }
 
-fn ring_page(index: usize) -> u64 {
-    core::ptr::addr_of!(RINGS) as u64 + 4096 * index as u64
+fn ring_page(device: usize, queue: usize) -> u64 {
+    core::ptr::addr_of!(RINGS) as u64 + 4096 * (device * MAX_QUEUES + queue) as u64
 }
 
 /// The transport's registers.
@@ -212,14 +220,15 @@ fn pci_regions(function: pci::Function) -> Result<(u64, u64, u32, u64), &'static
     Ok((common, notify, multiplier, device))
 }
 
-/// A device whose queue 0 is running.
-pub struct Device {
-    regs: Regs,
+/// One running split virtqueue: its ring page and the driver's view of it.
+#[derive(Clone, Copy)]
+struct Virtqueue {
     rings: u64,
-    /// Queue 0's notification register.
+    /// The queue's notification register.
     notify: u64,
-    features: u64,
-    /// Entries in queue 0 (a power of two, at most MAX_QUEUE_SIZE).
+    /// The value written there: the queue's index.
+    index: u16,
+    /// Entries (a power of two, at most MAX_QUEUE_SIZE).
     size: u16,
     next_avail: u16,
     last_used: u16,
@@ -228,6 +237,115 @@ pub struct Device {
     free: u16,
     /// Bit n: a chain with head descriptor n is with the device.
     in_flight: u128,
+}
+
+impl Virtqueue {
+    const EMPTY: Virtqueue = Virtqueue {
+        rings: 0,
+        notify: 0,
+        index: 0,
+        size: 0,
+        next_avail: 0,
+        last_used: 0,
+        free_head: 0,
+        free: 0,
+        in_flight: 0,
+    };
+
+    fn desc(&self, id: u16) -> u64 {
+        self.rings + 16 * u64::from(id)
+    }
+
+    /// Clears the ring page and links every descriptor into the free list.
+    fn init(&mut self, rings: u64, index: u16, size: u16) {
+        // SAFETY: only the boot vCPU drives virtio devices; the page is this queue's and the
+        // device was just reset, so it does not read the page.
+        unsafe { core::ptr::write_bytes(rings as *mut u8, 0, 4096) };
+        *self = Virtqueue { rings, index, size, free: size, ..Virtqueue::EMPTY };
+        for i in 0..size {
+            write16(self.desc(i) + 14, (i + 1) % size);
+        }
+    }
+
+    fn post(&mut self, parts: &[(u64, u32, bool)]) -> Result<u16, &'static str> {
+        if parts.is_empty() {
+            return Err("bad request shape");
+        }
+        if parts.len() > usize::from(self.free) {
+            return Err("not enough free descriptors");
+        }
+        let head = self.free_head;
+        let mut id = head;
+        for (i, (addr, len, writable)) in parts.iter().enumerate() {
+            let desc = self.desc(id);
+            // The free list's link is the next descriptor of the chain.
+            let next = read16(desc + 14);
+            let last = i + 1 == parts.len();
+            let flags =
+                if *writable { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
+            // SAFETY: the descriptor is free, in this queue's ring page.
+            unsafe { core::ptr::write_volatile(desc as *mut u64, *addr) };
+            write32(desc + 8, *len);
+            write16(desc + 12, flags);
+            if last {
+                self.free_head = next;
+            } else {
+                id = next;
+            }
+        }
+        self.free -= parts.len() as u16;
+        self.in_flight |= 1 << head;
+        let avail = self.rings + AVAIL_OFFSET;
+        let slot = self.next_avail % self.size;
+        write16(avail + 4 + 2 * u64::from(slot), head);
+        fence(Ordering::SeqCst);
+        self.next_avail = self.next_avail.wrapping_add(1);
+        write16(avail + 2, self.next_avail);
+        Ok(head)
+    }
+
+    fn notify(&self, regs: &Regs) {
+        fence(Ordering::SeqCst);
+        match regs {
+            Regs::Mmio { .. } => write32(self.notify, u32::from(self.index)),
+            Regs::Pci { .. } => write16(self.notify, self.index),
+        }
+    }
+
+    fn poll(&mut self) -> Result<Option<(u16, u32)>, &'static str> {
+        let used = self.rings + USED_OFFSET;
+        if read16(used + 2) == self.last_used {
+            return Ok(None);
+        }
+        fence(Ordering::SeqCst);
+        let elem = used + 4 + 8 * u64::from(self.last_used % self.size);
+        let (id, len) = (read32(elem), read32(elem + 4));
+        self.last_used = self.last_used.wrapping_add(1);
+        if id >= u32::from(self.size) || self.in_flight & (1 << id) == 0 {
+            return Err("the device used a chain that was not in flight");
+        }
+        let head = id as u16;
+        self.in_flight &= !(1 << head);
+        let mut last = head;
+        let mut count = 1;
+        while read16(self.desc(last) + 12) & DESC_F_NEXT != 0 {
+            last = read16(self.desc(last) + 14);
+            count += 1;
+        }
+        write16(self.desc(last) + 14, self.free_head);
+        self.free_head = head;
+        self.free += count;
+        Ok(Some((head, len)))
+    }
+}
+
+/// A device whose queues are running.
+pub struct Device {
+    regs: Regs,
+    features: u64,
+    queues: [Virtqueue; MAX_QUEUES],
+    /// How many of `queues` run.
+    queue_count: usize,
 }
 
 impl Device {
@@ -240,21 +358,35 @@ impl Device {
     /// Brings up the `nth` device (counting from 0) of `device_id`: virtio-pci functions in
     /// slot order, then virtio-mmio windows in command-line order.
     pub fn open_nth(info: &BootInfo, device_id: u32, nth: usize) -> Result<Device, &'static str> {
-        let Some(found) = devices(info).filter(|d| d.device_type == device_id).nth(nth) else {
-            let any_pci = devices(info).any(|d| matches!(d.location, Location::Pci(_)));
-            return Err(if any_pci {
-                "no such virtio device on PCI bus 0"
-            } else {
-                "no such virtio-mmio device on the command line"
-            });
-        };
+        let found = Self::find_nth(info, device_id, nth)?;
         Self::open_found(&found)
     }
 
-    /// Brings up a device `devices` found.
+    /// The `nth` device of `device_id`, as `open_nth` numbers them.
+    pub fn find_nth(info: &BootInfo, device_id: u32, nth: usize) -> Result<Found, &'static str> {
+        devices(info).filter(|d| d.device_type == device_id).nth(nth).ok_or_else(|| {
+            let any_pci = devices(info).any(|d| matches!(d.location, Location::Pci(_)));
+            if any_pci {
+                "no such virtio device on PCI bus 0"
+            } else {
+                "no such virtio-mmio device on the command line"
+            }
+        })
+    }
+
+    /// Brings up a device `devices` found, with queue 0.
     pub fn open_found(found: &Found) -> Result<Device, &'static str> {
+        Self::open_with(found, 1, 0)
+    }
+
+    /// Brings up a device `devices` found with queues 0..`queues` (at most MAX_QUEUES),
+    /// accepting VIRTIO_F_VERSION_1 and whichever of the `wanted` features the device offers.
+    pub fn open_with(found: &Found, queues: usize, wanted: u64) -> Result<Device, &'static str> {
         if found.index >= MAX_DEVICES {
             return Err("too many virtio devices for the driver");
+        }
+        if queues == 0 || queues > MAX_QUEUES {
+            return Err("the driver runs one or two queues");
         }
         let regs = match found.location {
             Location::Mmio(base) => {
@@ -269,24 +401,14 @@ impl Device {
                 Regs::Pci { common, notify, notify_multiplier, device }
             }
         };
-        let mut dev = Device {
-            regs,
-            rings: ring_page(found.index),
-            notify: 0,
-            features: 0,
-            size: 0,
-            next_avail: 0,
-            last_used: 0,
-            free_head: 0,
-            free: 0,
-            in_flight: 0,
-        };
-        dev.initialise()?;
+        let mut dev =
+            Device { regs, features: 0, queues: [Virtqueue::EMPTY; MAX_QUEUES], queue_count: 0 };
+        dev.initialise(found.index, queues, wanted)?;
         Ok(dev)
     }
 
-    /// Reset, feature negotiation, queue 0, DRIVER_OK (3.1.1).
-    fn initialise(&mut self) -> Result<(), &'static str> {
+    /// Reset, feature negotiation, the queues, DRIVER_OK (3.1.1).
+    fn initialise(&mut self, index: usize, queues: usize, wanted: u64) -> Result<(), &'static str> {
         self.reset()?;
         self.set_status(STATUS_ACK);
         self.set_status(STATUS_ACK | STATUS_DRIVER);
@@ -295,31 +417,24 @@ impl Device {
         if features >> 32 & 1 == 0 {
             return Err("device does not offer VIRTIO_F_VERSION_1");
         }
-        self.regs.set_driver_features(1 << 32);
+        self.regs.set_driver_features(1 << 32 | (features & wanted));
         self.set_status(STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK);
         if self.status() & STATUS_FEATURES_OK == 0 {
             return Err("device refused the features");
         }
-        let max = self.regs.queue_max();
-        if max < 4 {
-            return Err("queue 0 is too small");
+        for q in 0..queues {
+            let max = self.regs.queue_max(q as u16);
+            if max < 4 {
+                return Err(if q == 0 { "queue 0 is too small" } else { "queue 1 is too small" });
+            }
+            // The largest power of two the device and the ring page allow.
+            let size = 1u16 << (15 - max.min(MAX_QUEUE_SIZE).leading_zeros());
+            let rings = ring_page(index, q);
+            self.queues[q].init(rings, q as u16, size);
+            self.queues[q].notify =
+                self.regs.setup_queue(size, rings, rings + AVAIL_OFFSET, rings + USED_OFFSET);
         }
-        // The largest power of two the device and the ring page allow.
-        let size = 1u16 << (15 - max.min(MAX_QUEUE_SIZE).leading_zeros());
-        self.size = size;
-        // SAFETY: only the boot vCPU drives virtio devices; the page is this device's and the
-        // device was just reset, so it does not read the page.
-        unsafe { core::ptr::write_bytes(self.rings as *mut u8, 0, 4096) };
-        for i in 0..size {
-            write16(self.desc(i) + 14, (i + 1) % size);
-        }
-        self.free_head = 0;
-        self.free = size;
-        self.in_flight = 0;
-        self.next_avail = 0;
-        self.last_used = 0;
-        let rings = self.rings;
-        self.notify = self.regs.setup_queue(size, rings, rings + AVAIL_OFFSET, rings + USED_OFFSET);
+        self.queue_count = queues;
         let all = STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
         self.set_status(all);
         if self.status() & (STATUS_NEEDS_RESET | STATUS_DRIVER_OK) != STATUS_DRIVER_OK {
@@ -369,9 +484,9 @@ impl Device {
         self.features
     }
 
-    /// Descriptors not in use by a request in flight.
+    /// Descriptors of queue 0 not in use by a request in flight.
     pub fn free_descriptors(&self) -> u16 {
-        self.free
+        self.queues[0].free
     }
 
     /// Reads a 32-bit word of the device-specific configuration space.
@@ -379,6 +494,14 @@ impl Device {
         match self.regs {
             Regs::Mmio { base } => read32(base + REG_CONFIG + offset),
             Regs::Pci { device, .. } => read32(device + offset),
+        }
+    }
+
+    /// Reads a byte of the device-specific configuration space.
+    pub fn config8(&self, offset: u64) -> u8 {
+        match self.regs {
+            Regs::Mmio { base } => read8(base + REG_CONFIG + offset),
+            Regs::Pci { device, .. } => read8(device + offset),
         }
     }
 
@@ -391,112 +514,93 @@ impl Device {
         Some(read16(common + COMMON_QUEUE_MSIX_VECTOR))
     }
 
-    fn desc(&self, id: u16) -> u64 {
-        self.rings + 16 * u64::from(id)
-    }
-
     /// Offers one device-writable buffer, notifies, and waits for the device to use it;
     /// returns the length the device wrote.
     pub fn fill(&mut self, buf: &mut [u8]) -> Result<u32, &'static str> {
         self.submit(&[(buf.as_mut_ptr() as u64, buf.len() as u32, true)])
     }
 
-    /// Offers one chain of (address, length, device-writable) buffers, notifies, and waits
-    /// for the device to use it; returns the used length. Nothing else may be in flight.
+    /// Offers one chain of (address, length, device-writable) buffers on queue 0, notifies,
+    /// and waits for the device to use it; returns the used length. Nothing else may be in
+    /// flight on queue 0.
     pub fn submit(&mut self, parts: &[(u64, u32, bool)]) -> Result<u32, &'static str> {
-        if self.in_flight != 0 {
+        self.submit_to(0, parts)
+    }
+
+    /// `submit` on queue `queue`.
+    pub fn submit_to(
+        &mut self,
+        queue: usize,
+        parts: &[(u64, u32, bool)],
+    ) -> Result<u32, &'static str> {
+        if self.queue(queue)?.in_flight != 0 {
             return Err("other requests are in flight");
         }
-        let head = self.post(parts)?;
-        self.notify();
-        let (id, len) = self.wait()?;
+        let head = self.post_to(queue, parts)?;
+        self.notify_queue(queue);
+        let (id, len) = self.wait_queue(queue)?;
         if id != head {
             return Err("the device used a different chain");
         }
         Ok(len)
     }
 
-    /// Makes one chain of (address, length, device-writable) buffers available without
-    /// notifying; returns its head descriptor, which `poll` and `wait` report on completion.
+    fn queue(&mut self, queue: usize) -> Result<&mut Virtqueue, &'static str> {
+        if queue >= self.queue_count {
+            return Err("no such queue");
+        }
+        Ok(&mut self.queues[queue])
+    }
+
+    /// Makes one chain of (address, length, device-writable) buffers available on queue 0
+    /// without notifying; returns its head descriptor, which `poll` and `wait` report on
+    /// completion.
     pub fn post(&mut self, parts: &[(u64, u32, bool)]) -> Result<u16, &'static str> {
-        if parts.is_empty() {
-            return Err("bad request shape");
-        }
-        if parts.len() > usize::from(self.free) {
-            return Err("not enough free descriptors");
-        }
-        let head = self.free_head;
-        let mut id = head;
-        for (i, (addr, len, writable)) in parts.iter().enumerate() {
-            let desc = self.desc(id);
-            // The free list's link is the next descriptor of the chain.
-            let next = read16(desc + 14);
-            let last = i + 1 == parts.len();
-            let flags =
-                if *writable { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
-            // SAFETY: the descriptor is free, in this device's ring page.
-            unsafe { core::ptr::write_volatile(desc as *mut u64, *addr) };
-            write32(desc + 8, *len);
-            write16(desc + 12, flags);
-            if last {
-                self.free_head = next;
-            } else {
-                id = next;
-            }
-        }
-        self.free -= parts.len() as u16;
-        self.in_flight |= 1 << head;
-        let avail = self.rings + AVAIL_OFFSET;
-        let slot = self.next_avail % self.size;
-        write16(avail + 4 + 2 * u64::from(slot), head);
-        fence(Ordering::SeqCst);
-        self.next_avail = self.next_avail.wrapping_add(1);
-        write16(avail + 2, self.next_avail);
-        Ok(head)
+        self.post_to(0, parts)
+    }
+
+    /// `post` on queue `queue`.
+    pub fn post_to(
+        &mut self,
+        queue: usize,
+        parts: &[(u64, u32, bool)],
+    ) -> Result<u16, &'static str> {
+        self.queue(queue)?.post(parts)
     }
 
     /// Tells the device that queue 0 has new chains.
     pub fn notify(&self) {
-        fence(Ordering::SeqCst);
-        match self.regs {
-            Regs::Mmio { .. } => write32(self.notify, 0),
-            Regs::Pci { .. } => write16(self.notify, 0),
+        self.notify_queue(0);
+    }
+
+    /// Tells the device that queue `queue` has new chains.
+    pub fn notify_queue(&self, queue: usize) {
+        if let Some(q) = self.queues.get(queue).filter(|_| queue < self.queue_count) {
+            q.notify(&self.regs);
         }
     }
 
-    /// Takes one completion from the used ring, if there is one: (head descriptor, used
+    /// Takes one completion from queue 0's used ring, if there is one: (head descriptor, used
     /// length). Its descriptors become free again.
     pub fn poll(&mut self) -> Result<Option<(u16, u32)>, &'static str> {
-        let used = self.rings + USED_OFFSET;
-        if read16(used + 2) == self.last_used {
-            return Ok(None);
-        }
-        fence(Ordering::SeqCst);
-        let elem = used + 4 + 8 * u64::from(self.last_used % self.size);
-        let (id, len) = (read32(elem), read32(elem + 4));
-        self.last_used = self.last_used.wrapping_add(1);
-        if id >= u32::from(self.size) || self.in_flight & (1 << id) == 0 {
-            return Err("the device used a chain that was not in flight");
-        }
-        let head = id as u16;
-        self.in_flight &= !(1 << head);
-        let mut last = head;
-        let mut count = 1;
-        while read16(self.desc(last) + 12) & DESC_F_NEXT != 0 {
-            last = read16(self.desc(last) + 14);
-            count += 1;
-        }
-        write16(self.desc(last) + 14, self.free_head);
-        self.free_head = head;
-        self.free += count;
-        Ok(Some((head, len)))
+        self.poll_queue(0)
     }
 
-    /// Waits for one completion (see `poll`).
+    /// `poll` on queue `queue`.
+    pub fn poll_queue(&mut self, queue: usize) -> Result<Option<(u16, u32)>, &'static str> {
+        self.queue(queue)?.poll()
+    }
+
+    /// Waits for one completion on queue 0 (see `poll`).
     pub fn wait(&mut self) -> Result<(u16, u32), &'static str> {
+        self.wait_queue(0)
+    }
+
+    /// `wait` on queue `queue`.
+    pub fn wait_queue(&mut self, queue: usize) -> Result<(u16, u32), &'static str> {
         let deadline = io::rdtsc() + TIMEOUT;
         loop {
-            if let Some(done) = self.poll()? {
+            if let Some(done) = self.poll_queue(queue)? {
                 return Ok(done);
             }
             if io::rdtsc() > deadline {
@@ -535,21 +639,21 @@ impl Regs {
         write32(value, (features >> 32) as u32);
     }
 
-    /// Selects queue 0 and returns the most entries it may have (0: no such queue).
-    fn queue_max(&self) -> u16 {
+    /// Selects queue `queue` and returns the most entries it may have (0: no such queue).
+    fn queue_max(&self, queue: u16) -> u16 {
         match *self {
             Regs::Mmio { base } => {
-                write32(base + REG_QUEUE_SEL, 0);
+                write32(base + REG_QUEUE_SEL, u32::from(queue));
                 read32(base + REG_QUEUE_NUM_MAX).min(0xffff) as u16
             }
             Regs::Pci { common, .. } => {
-                write16(common + COMMON_QUEUE_SELECT, 0);
+                write16(common + COMMON_QUEUE_SELECT, queue);
                 read16(common + COMMON_QUEUE_SIZE)
             }
         }
     }
 
-    /// Gives queue 0 (selected by `queue_max`) its size and ring addresses, enables it, and
+    /// Gives the queue `queue_max` selected its size and ring addresses, enables it, and
     /// returns its notification address: on virtio-pci, the notification region plus
     /// queue_notify_off times the multiplier (4.1.4.4).
     fn setup_queue(&self, size: u16, desc: u64, driver: u64, device: u64) -> u64 {

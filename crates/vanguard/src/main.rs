@@ -111,6 +111,14 @@ struct RunArgs {
     /// numbers them in this order).
     #[arg(long, value_parser = parse_disk)]
     disk: Vec<vmm::DiskConfig>,
+    /// Attach a virtio-net device on a TAP: tap=NAME[,mac=52:54:00:XX:XX:XX]
+    /// [,bandwidth=SIZE[/PERIOD]][,bandwidth_burst=SIZE][,ops=N[/PERIOD]][,ops_burst=N]; the
+    /// TAP is created (and removed at exit) if no interface has that name, which needs
+    /// CAP_NET_ADMIN; limits hold in each direction, a frame being one op. The default MAC is
+    /// 52:54:00:12:34:56 for the first --net, :57 for the second, ... Repeat for more
+    /// devices (numbered after the disks).
+    #[arg(long, value_parser = parse_net)]
+    net: Vec<vmm::NetConfig>,
 }
 
 /// The `--virtio-transport` values.
@@ -169,6 +177,57 @@ fn parse_disk(s: &str) -> Result<vmm::DiskConfig, String> {
     Ok(vmm::DiskConfig { path, read_only, serial, rate_limit, direct })
 }
 
+/// A MAC address written as six pairs of hex digits separated by colons.
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let invalid = || format!("invalid mac '{s}': use six hex pairs, as in 52:54:00:12:34:56");
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        let part = parts.next().filter(|p| p.len() == 2).ok_or_else(invalid)?;
+        *byte = u8::from_str_radix(part, 16).map_err(|_| invalid())?;
+    }
+    if parts.next().is_some() {
+        return Err(invalid());
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("invalid mac '{s}': a multicast address (the first byte is odd)"));
+    }
+    Ok(mac)
+}
+
+fn parse_net(s: &str) -> Result<vmm::NetConfig, String> {
+    let mut tap = None;
+    let mut mac = None;
+    let mut limits = Vec::new();
+    for part in s.split(',') {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("invalid net option '{part}': expected KEY=VALUE"))?;
+        match key {
+            "tap" => {
+                vmm::validate_tap_name(value).map_err(|e| e.to_string())?;
+                tap = Some(value.to_string());
+            }
+            "mac" => mac = Some(parse_mac(value)?),
+            "bandwidth" | "bandwidth_burst" | "ops" | "ops_burst" => limits.push(part),
+            _ => {
+                return Err(format!(
+                    "invalid net option '{part}': use tap=, mac=, bandwidth=, bandwidth_burst=, \
+                     ops= or ops_burst="
+                ))
+            }
+        }
+    }
+    let tap = tap.ok_or("a network device needs tap=NAME")?;
+    let rate_limit = if limits.is_empty() {
+        None
+    } else {
+        let config = limits.join(",").parse::<rate_limiter::RateLimiterConfig>();
+        Some(config.map_err(|e| format!("invalid net rate limit: {e}"))?)
+    };
+    Ok(vmm::NetConfig { tap, mac, rate_limit })
+}
+
 fn parse_serial(s: &str) -> Result<SerialOutput, String> {
     match s {
         "stdio" => Ok(SerialOutput::Stdio),
@@ -203,6 +262,7 @@ fn run(args: RunArgs, start: Instant) -> Result<VmOutcome, vmm::VmmError> {
         Transport::Mmio => vmm::VirtioTransport::Mmio,
     };
     config.disks = args.disk;
+    config.nets = args.net;
     config.start_time = start;
     // Raw mode only for a console on a terminal; restored when `_raw` drops.
     let _raw = if config.serial == SerialOutput::Stdio {

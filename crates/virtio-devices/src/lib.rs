@@ -2,7 +2,7 @@
 //!
 //! Every device implements [`VirtioDevice`]: what it offers (type, features, queues, config
 //! space), what it does when the driver makes buffers available, and which other descriptors
-//! (timers, a TAP) its worker thread waits on. Devices: [`block`], [`rng`].
+//! (timers, a TAP) its worker thread waits on. Devices: [`block`], [`net`], [`rng`].
 //! Transports ([`pci::VirtioPci`], [`mmio::MmioTransport`]) decode registers into
 //! [`transport::VirtioCore`], which holds the driver-visible state — status, negotiated
 //! features, queue addresses — and validates everything the driver writes before a device
@@ -11,6 +11,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod pci;
 pub mod rng;
 pub mod transport;

@@ -68,6 +68,8 @@ pub struct VmConfig {
     pub virtio_transport: VirtioTransport,
     /// virtio-blk disks, in the order the guest numbers them.
     pub disks: Vec<DiskConfig>,
+    /// virtio-net devices, numbered after the disks.
+    pub nets: Vec<NetConfig>,
 }
 
 /// How virtio devices reach the guest.
@@ -97,6 +99,26 @@ pub struct DiskConfig {
     pub direct: bool,
 }
 
+/// One virtio-net device on a TAP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The TAP's name (created by the VMM if no interface has it).
+    pub tap: String,
+    /// The guest's MAC address; by default 52:54:00:12:34:(0x56 + the device's index among
+    /// the nets).
+    pub mac: Option<[u8; 6]>,
+    /// Bandwidth and operation (frame) limits, each way.
+    pub rate_limit: Option<rate_limiter::RateLimiterConfig>,
+}
+
+impl NetConfig {
+    /// The MAC address of net device `index` (from 0) without `mac=`: locally administered,
+    /// unicast, QEMU's default for the first.
+    pub fn default_mac(index: usize) -> [u8; 6] {
+        [0x52, 0x54, 0x00, 0x12, 0x34, 0x56u8.wrapping_add(index.to_le_bytes()[0])]
+    }
+}
+
 impl VmConfig {
     /// A configuration with defaults for everything but the kernel.
     pub fn new(kernel: KernelImage) -> Self {
@@ -115,6 +137,7 @@ impl VmConfig {
             rng: false,
             virtio_transport: VirtioTransport::Pci,
             disks: Vec::new(),
+            nets: Vec::new(),
         }
     }
 }

@@ -212,6 +212,9 @@ pub enum VmmError {
     /// A disk cannot be attached.
     #[error("cannot attach disk")]
     Disk(#[from] virtio_devices::block::BlockError),
+    /// A network device cannot be attached.
+    #[error("cannot attach network device")]
+    Net(#[from] virtio_devices::net::NetError),
     /// More virtio devices than there are interrupt lines for them.
     #[error("too many virtio devices: {count} asked for, at most {max}")]
     TooManyDevices {

@@ -15,6 +15,9 @@ mod regs;
 mod vcpu;
 mod vm;
 
-pub use config::{DiskConfig, KernelImage, SerialOutput, VirtioTransport, VmConfig};
+pub use config::{DiskConfig, KernelImage, NetConfig, SerialOutput, VirtioTransport, VmConfig};
 pub use error::{GuestFailure, VmmError};
 pub use vm::{Vm, VmOutcome};
+
+/// Checks a `--net tap=` name as the kernel will (see [`NetConfig`]).
+pub use virtio_devices::net::validate_tap_name;

@@ -250,7 +250,7 @@ impl Vm {
         // Kernel, initrd, command line, boot structures.
         let loaded = kernel::load_kernel(&mem, &config.kernel, config.memory)?;
         let header = loaded.result.setup_header;
-        // virtio devices, in the order the guest numbers them: disks, then entropy.
+        // virtio devices, in the order the guest numbers them: disks, nets, then entropy.
         let mut virtio: Vec<Box<dyn virtio_devices::VirtioDevice>> = Vec::new();
         for disk in &config.disks {
             let mut block =
@@ -262,6 +262,14 @@ impl Vm {
                 block = block.with_direct_io()?;
             }
             virtio.push(Box::new(block));
+        }
+        for (index, net) in config.nets.iter().enumerate() {
+            let mac = net.mac.unwrap_or_else(|| crate::config::NetConfig::default_mac(index));
+            let mut device = virtio_devices::net::Net::open(&net.tap, mac)?;
+            if let Some(limit) = &net.rate_limit {
+                device = device.with_rate_limit(limit)?;
+            }
+            virtio.push(Box::new(device));
         }
         if config.rng {
             virtio.push(Box::new(virtio_devices::rng::Rng::default()));

@@ -13,6 +13,7 @@ mod fault;
 mod hello;
 mod mem;
 mod msix;
+mod net;
 mod pio;
 mod powerbutton;
 mod reboot;
@@ -35,6 +36,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("pio", pio::run),
     ("powerbutton", powerbutton::run),
     ("rng", rng::run),
+    ("net", net::run),
     ("virtio", devices::run),
     ("msix", msix::run),
     ("reboot", reboot::run),
