@@ -224,7 +224,7 @@ fn tap_hint(what: &str, error: &std::io::Error) -> &'static str {
         (_, Some(libc::EPERM)) => {
             " (creating a TAP, or attaching to one this user does not own, needs CAP_NET_ADMIN)"
         }
-        (_, Some(libc::EBUSY)) => " (another process has the TAP open)",
+        (_, Some(libc::EBUSY)) => " (it is attached already: another process, or another --net)",
         ("TUNSETIFF", Some(libc::EINVAL)) => {
             " (an interface of that name exists and is not a TAP, or has other flags)"
         }
@@ -1120,6 +1120,15 @@ mod tests {
         assert!(!tap_exists(&name));
         let mut net = Net::open(&name, MAC_ADDR).unwrap();
         assert!(tap_exists(&name));
+        // One device per TAP.
+        let busy = Net::open(&name, MAC_ADDR).err().unwrap().to_string();
+        assert_eq!(
+            busy,
+            format!(
+                "cannot open TAP device {name}: TUNSETIFF (it is attached already: another \
+                 process, or another --net)"
+            )
+        );
         let flags = std::fs::read_to_string(format!("/sys/class/net/{name}/tun_flags")).unwrap();
         let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap();
         let wanted = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as u32;
