@@ -119,6 +119,39 @@ struct RunArgs {
     /// devices (numbered after the disks).
     #[arg(long, value_parser = parse_net)]
     net: Vec<vmm::NetConfig>,
+    /// Attach a virtio-balloon device: [size=SIZE][,deflate_on_oom=on|off] (size: the memory
+    /// the guest is asked to give back at start, default 0). Numbered after every other
+    /// virtio device.
+    #[arg(long, value_parser = parse_balloon, num_args = 0..=1, default_missing_value = "")]
+    balloon: Option<vmm::BalloonConfig>,
+}
+
+fn parse_balloon(s: &str) -> Result<vmm::BalloonConfig, String> {
+    let mut config = vmm::BalloonConfig::default();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("invalid balloon option '{part}': expected KEY=VALUE"))?;
+        match key {
+            "size" => {
+                config.target =
+                    crate::size::parse_size(value).map_err(|e| format!("balloon {e}"))?
+            }
+            "deflate_on_oom" => {
+                config.deflate_on_oom = match value {
+                    "on" | "true" => true,
+                    "off" | "false" => false,
+                    _ => return Err(format!("invalid deflate_on_oom '{value}': use on or off")),
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "invalid balloon option '{part}': use size= or deflate_on_oom="
+                ))
+            }
+        }
+    }
+    Ok(config)
 }
 
 /// The `--virtio-transport` values.
@@ -257,6 +290,7 @@ fn run(args: RunArgs, start: Instant) -> Result<VmOutcome, vmm::VmmError> {
     config.debug_exit = args.debug_exit;
     config.boot_timer = args.boot_timer;
     config.rng = args.rng;
+    config.balloon = args.balloon;
     config.virtio_transport = match args.virtio_transport {
         Transport::Pci => vmm::VirtioTransport::Pci,
         Transport::Mmio => vmm::VirtioTransport::Mmio,

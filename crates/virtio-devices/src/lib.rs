@@ -9,6 +9,7 @@
 //! sees it. Guest memory and the driver are hostile: a malformed request fails that
 //! request or marks the device NEEDS_RESET; it never panics the VMM.
 
+pub mod balloon;
 pub mod block;
 pub mod mmio;
 pub mod net;

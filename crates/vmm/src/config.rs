@@ -64,12 +64,24 @@ pub struct VmConfig {
     pub interactive_console: bool,
     /// Attach a virtio-rng device.
     pub rng: bool,
+    /// Attach a virtio-balloon device asking the guest for this many bytes at start
+    /// (`Some(0)`: a balloon with nothing asked yet).
+    pub balloon: Option<BalloonConfig>,
     /// How virtio devices are attached.
     pub virtio_transport: VirtioTransport,
     /// virtio-blk disks, in the order the guest numbers them.
     pub disks: Vec<DiskConfig>,
     /// virtio-net devices, numbered after the disks.
     pub nets: Vec<NetConfig>,
+}
+
+/// A memory balloon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BalloonConfig {
+    /// The initial target: bytes the guest is asked to give back.
+    pub target: u64,
+    /// Let the guest take pages back from the balloon when it runs out of memory.
+    pub deflate_on_oom: bool,
 }
 
 /// How virtio devices reach the guest.
@@ -135,6 +147,7 @@ impl VmConfig {
             start_time: Instant::now(),
             interactive_console: false,
             rng: false,
+            balloon: None,
             virtio_transport: VirtioTransport::Pci,
             disks: Vec::new(),
             nets: Vec::new(),

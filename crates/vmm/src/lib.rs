@@ -15,7 +15,9 @@ mod regs;
 mod vcpu;
 mod vm;
 
-pub use config::{DiskConfig, KernelImage, NetConfig, SerialOutput, VirtioTransport, VmConfig};
+pub use config::{
+    BalloonConfig, DiskConfig, KernelImage, NetConfig, SerialOutput, VirtioTransport, VmConfig,
+};
 pub use error::{GuestFailure, VmmError};
 pub use vm::{Vm, VmOutcome};
 

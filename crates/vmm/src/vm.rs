@@ -274,6 +274,12 @@ impl Vm {
         if config.rng {
             virtio.push(Box::new(virtio_devices::rng::Rng::default()));
         }
+        if let Some(balloon) = &config.balloon {
+            let device =
+                virtio_devices::balloon::Balloon::new(balloon.target, balloon.deflate_on_oom)
+                    .map_err(|source| VmmError::Device { what: "virtio-balloon", source })?;
+            virtio.push(Box::new(device));
+        }
         let transport = config.virtio_transport;
         let max_devices = match transport {
             VirtioTransport::Mmio => VIRTIO_MMIO_MAX_DEVICES,

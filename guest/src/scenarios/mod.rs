@@ -5,6 +5,7 @@
 use crate::bootinfo::BootInfo;
 use crate::{io, println};
 
+mod balloon;
 mod devices;
 mod disk;
 mod echo;
@@ -37,6 +38,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("powerbutton", powerbutton::run),
     ("rng", rng::run),
     ("net", net::run),
+    ("balloon", balloon::run),
     ("virtio", devices::run),
     ("msix", msix::run),
     ("reboot", reboot::run),
