@@ -61,6 +61,8 @@ struct Shared {
     rejected: AtomicU64,
     stats: Mutex<Vec<(u16, u64)>>,
     stats_requested: AtomicBool,
+    /// The target changed since the driver was last told.
+    target_changed: AtomicBool,
 }
 
 /// The host's side of a balloon: set the target, read what the guest did.
@@ -71,12 +73,14 @@ pub struct BalloonHandle {
 }
 
 impl BalloonHandle {
-    /// Asks the guest to hold `bytes` (rounded down to 4 KiB pages) in the balloon. The driver
-    /// reads it when it next looks at the configuration (at start-up, or after a
-    /// configuration-change interrupt).
+    /// Asks the guest to hold `bytes` (rounded down to 4 KiB pages) in the balloon: the
+    /// device's worker raises a configuration-change interrupt, and the driver inflates or
+    /// deflates towards the new target.
     pub fn set_target(&self, bytes: u64) {
         let pages = u32::try_from(bytes / PAGE_SIZE).unwrap_or(u32::MAX);
         self.shared.target_pages.store(pages, Ordering::Release);
+        self.shared.target_changed.store(true, Ordering::Release);
+        let _ = self.wake.write(1);
     }
 
     /// The target, in bytes.
@@ -140,7 +144,9 @@ impl Balloon {
             stats_head: None,
             pfns: Vec::with_capacity(usize::from(QUEUE_SIZE) * 1024),
         };
-        balloon.handle().set_target(target_bytes);
+        // The driver reads the first target at start-up: no interrupt for it.
+        let pages = u32::try_from(target_bytes / PAGE_SIZE).unwrap_or(u32::MAX);
+        balloon.shared.target_pages.store(pages, Ordering::Release);
         Ok(balloon)
     }
 
@@ -378,6 +384,10 @@ impl VirtioDevice for Balloon {
 
     fn event_ready(&mut self, _which: usize) {
         let _ = self.wake.read();
+    }
+
+    fn config_changed(&mut self) -> bool {
+        self.shared.target_changed.swap(false, Ordering::AcqRel)
     }
 }
 

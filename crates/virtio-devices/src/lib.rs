@@ -105,6 +105,13 @@ pub trait VirtioDevice: Send {
     fn event_ready(&mut self, which: usize) {
         let _ = which;
     }
+    /// Whether the host changed the device's configuration space since the last call (a
+    /// balloon's target). Asked after `event_ready`: a device that changes its configuration
+    /// signals one of its `event_fds`, and the worker then raises a configuration-change
+    /// interrupt.
+    fn config_changed(&mut self) -> bool {
+        false
+    }
 }
 
 /// Serves every chain available on `queue`: `serve` handles one and returns the length it

@@ -419,4 +419,29 @@ mod tests {
         assert_eq!(registrar.unregistered.load(Ordering::SeqCst), 1);
         assert_eq!(d.r(STATUS), 0);
     }
+
+    /// A host-side change of a balloon's target reaches the driver as a configuration-change
+    /// interrupt raised by the worker, and the new target is in the configuration space.
+    #[test]
+    fn a_new_balloon_target_raises_a_configuration_interrupt() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
+        let irq = Arc::new(CountingIrq::default());
+        let balloon = crate::balloon::Balloon::new(1 << 20, false).unwrap();
+        let handle = balloon.handle();
+        let registrar = Arc::new(Registrar::default());
+        let dev = MmioTransport::new(Box::new(balloon), mem.clone(), irq.clone())
+            .with_notifier(registrar, 0xd000_0000);
+        let mut d = Driver { dev, mem, irq };
+        assert_eq!(d.r(CONFIG), 256, "1 MiB = 256 pages");
+        assert_eq!(d.bring_up(8, 1) & status::DRIVER_OK, status::DRIVER_OK);
+        assert_eq!(d.r(INTERRUPT_STATUS), 0, "no interrupt for the first target");
+        handle.set_target(4 << 20);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while d.r(INTERRUPT_STATUS) & INT_CONFIG_CHANGE == 0 {
+            assert!(std::time::Instant::now() < deadline, "no configuration interrupt");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(d.r(CONFIG), 1024);
+        assert_eq!(d.irq.0.load(Ordering::SeqCst), 1);
+    }
 }

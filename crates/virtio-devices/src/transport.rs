@@ -124,7 +124,11 @@ fn worker_loop(
         let mut serve_all = false;
         for (which, pfd) in fds.iter().skip(first_event).enumerate() {
             if pfd.fd >= 0 && pfd.revents != 0 {
-                lock(&shared).device.event_ready(which);
+                let mut guard = lock(&shared);
+                guard.device.event_ready(which);
+                if guard.device.config_changed() {
+                    signals.interrupt.config();
+                }
                 serve_all = true;
             }
         }
