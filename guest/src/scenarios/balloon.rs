@@ -2,8 +2,9 @@
 //! size=SIZE`). The scenario reads the host's target (`num_pages`), fills that many free
 //! pages with a pattern (so the host has them resident) and waits for a key on the serial
 //! port; then it posts their page frame numbers on the inflate queue, checks that every page
-//! now reads as zero (the host discarded its copy), reports, and waits for a second key. The
-//! integration test reads the VMM's RSS at each pause.
+//! now reads as zero (the host discarded its copy), reports, and waits for a second key; then
+//! it deflates (posts the same frames on the deflate queue) and checks the pages hold data
+//! again. The integration test reads the VMM's RSS at each pause.
 
 use crate::bootinfo::BootInfo;
 use crate::virtio::Device;
@@ -25,7 +26,9 @@ fn pattern(addr: u64) -> u64 {
 
 /// Runs the scenario.
 pub fn run(info: &BootInfo, _arg: Option<&str>) -> bool {
-    let mut dev = match Device::open(info, VIRTIO_ID_BALLOON) {
+    let opened = Device::find_nth(info, VIRTIO_ID_BALLOON, 0)
+        .and_then(|found| Device::open_with(&found, 2, 0));
+    let mut dev = match opened {
         Ok(dev) => dev,
         Err(why) => {
             println!("balloon: FAILED: {why}");
@@ -47,22 +50,10 @@ pub fn run(info: &BootInfo, _arg: Option<&str>) -> bool {
     }
     println!("balloon: filled {pages} pages at {start:#x}; waiting for a key");
     io::serial_read_byte();
-    let pfns = core::ptr::addr_of_mut!(PFNS);
-    let mut page = start;
     let end = start + pages * PAGE;
-    while page < end {
-        let mut n = 0;
-        while n < PFNS_PER_BUFFER && page < end {
-            // SAFETY: the static PFN page is this scenario's; the device reads it only while
-            // `submit` waits.
-            unsafe { (*pfns).0[n] = (page / PAGE) as u32 };
-            n += 1;
-            page += PAGE;
-        }
-        if let Err(why) = dev.submit(&[(pfns as u64, (n * 4) as u32, false)]) {
-            println!("balloon: FAILED: inflate: {why}");
-            return false;
-        }
+    if let Err(why) = give(&mut dev, INFLATE, start, end) {
+        println!("balloon: FAILED: inflate: {why}");
+        return false;
     }
     let mut nonzero = 0u64;
     for word in (start..end).step_by(8) {
@@ -78,5 +69,47 @@ pub fn run(info: &BootInfo, _arg: Option<&str>) -> bool {
     println!("balloon: inflated {pages} pages; they read back as zero: ok");
     println!("balloon: waiting for a key");
     io::serial_read_byte();
+    // Take the pages back and use them again.
+    if let Err(why) = give(&mut dev, DEFLATE, start, end) {
+        println!("balloon: FAILED: deflate: {why}");
+        return false;
+    }
+    for word in (start..end).step_by(8) {
+        // SAFETY: as above; the pages are the guest's again.
+        unsafe { core::ptr::write_volatile(word as *mut u64, pattern(word)) };
+    }
+    let mut wrong = 0u64;
+    for word in (start..end).step_by(8) {
+        // SAFETY: as above.
+        if unsafe { core::ptr::read_volatile(word as *const u64) } != pattern(word) {
+            wrong += 1;
+        }
+    }
+    if wrong != 0 {
+        println!("balloon: FAILED: {wrong} words lost their data after deflating");
+        return false;
+    }
+    println!("balloon: deflated {pages} pages; they hold data again: ok");
     true
+}
+
+const INFLATE: usize = 0;
+const DEFLATE: usize = 1;
+
+/// Posts the page frame numbers of [start, end) on `queue`, a buffer of up to 1024 at a time.
+fn give(dev: &mut Device, queue: usize, start: u64, end: u64) -> Result<(), &'static str> {
+    let pfns = core::ptr::addr_of_mut!(PFNS);
+    let mut page = start;
+    while page < end {
+        let mut n = 0;
+        while n < PFNS_PER_BUFFER && page < end {
+            // SAFETY: the static PFN page is this scenario's; the device reads it only while
+            // `submit_to` waits.
+            unsafe { (*pfns).0[n] = (page / PAGE) as u32 };
+            n += 1;
+            page += PAGE;
+        }
+        dev.submit_to(queue, &[(pfns as u64, (n * 4) as u32, false)])?;
+    }
+    Ok(())
 }
