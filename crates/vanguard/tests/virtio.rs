@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::guest;
+use common::{guest, host_md5, image};
 
 /// `--rng --virtio-transport mmio` attaches virtio-rng at the first virtio-mmio window; the guest finds it from the
 /// command line, negotiates, and reads two different 64-byte draws.
@@ -50,25 +50,6 @@ fn rng_bytes_differ_between_vms() {
     a.assert_clean_exit();
     b.assert_clean_exit();
     assert_ne!(first_line(&a), first_line(&b));
-}
-
-/// md5sum of a file, from the host's own tool.
-fn host_md5(path: &std::path::Path) -> String {
-    let out = std::process::Command::new("md5sum").arg(path).output().expect("run md5sum");
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or("").to_string()
-}
-
-/// Bytes that differ at every position, so a misplaced read shows in the checksum.
-fn image(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[0]
-        })
-        .collect()
 }
 
 /// Two disks (one read-only, sizes that are not a multiple of the guest's 64 KiB reads) read

@@ -5,24 +5,7 @@
 
 mod common;
 
-use common::guest;
-
-fn host_md5(path: &std::path::Path) -> String {
-    let out = std::process::Command::new("md5sum").arg(path).output().expect("run md5sum");
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or("").to_string()
-}
-
-fn image(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[0]
-        })
-        .collect()
-}
+use common::{guest, host_md5, image};
 
 /// Two disks and an entropy device become functions 00:01.0, 00:02.0 and 00:03.0 in flag
 /// order, with BAR 0 where the VMM placed it and one MSI-X vector per queue plus one; no

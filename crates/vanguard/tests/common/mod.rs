@@ -497,3 +497,22 @@ pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// md5sum of a file, from the host's own tool.
+pub fn host_md5(path: &std::path::Path) -> String {
+    let out = std::process::Command::new("md5sum").arg(path).output().expect("run md5sum");
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or("").to_string()
+}
+
+/// Bytes that differ at every position, so a misplaced read shows in the checksum.
+pub fn image(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[0]
+        })
+        .collect()
+}
