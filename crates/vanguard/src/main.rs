@@ -124,6 +124,35 @@ struct RunArgs {
     /// virtio device.
     #[arg(long, value_parser = parse_balloon, num_args = 0..=1, default_missing_value = "")]
     balloon: Option<vmm::BalloonConfig>,
+    /// Attach a virtio-vsock device: cid=N,socket=PATH (N: the guest's CID, 3 or more). The
+    /// VMM listens on the Unix socket PATH: a host program connects and writes
+    /// `CONNECT <port>\n` to reach a guest port (answered `OK <host port>\n`); the guest's
+    /// connections to host port P go to the socket PATH_P. Numbered after the entropy device.
+    #[arg(long, value_parser = parse_vsock)]
+    vsock: Option<vmm::VsockConfig>,
+}
+
+fn parse_vsock(s: &str) -> Result<vmm::VsockConfig, String> {
+    let (mut cid, mut socket) = (None, None);
+    for part in s.split(',') {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("invalid vsock option '{part}': expected KEY=VALUE"))?;
+        match key {
+            "cid" => {
+                let n: u64 = value
+                    .parse()
+                    .map_err(|_| format!("invalid vsock cid '{value}': not a number"))?;
+                vmm::validate_vsock_cid(n).map_err(|e| e.to_string())?;
+                cid = Some(n);
+            }
+            "socket" if !value.is_empty() => socket = Some(PathBuf::from(value)),
+            _ => return Err(format!("invalid vsock option '{part}': use cid= or socket=")),
+        }
+    }
+    let cid = cid.ok_or("a vsock device needs cid=N")?;
+    let socket = socket.ok_or("a vsock device needs socket=PATH")?;
+    Ok(vmm::VsockConfig { cid, socket })
 }
 
 fn parse_balloon(s: &str) -> Result<vmm::BalloonConfig, String> {
@@ -291,6 +320,7 @@ fn run(args: RunArgs, start: Instant) -> Result<VmOutcome, vmm::VmmError> {
     config.boot_timer = args.boot_timer;
     config.rng = args.rng;
     config.balloon = args.balloon;
+    config.vsock = args.vsock;
     config.virtio_transport = match args.virtio_transport {
         Transport::Pci => vmm::VirtioTransport::Pci,
         Transport::Mmio => vmm::VirtioTransport::Mmio,

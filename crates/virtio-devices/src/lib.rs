@@ -16,6 +16,7 @@ pub mod net;
 pub mod pci;
 pub mod rng;
 pub mod transport;
+pub mod vsock;
 
 use std::os::fd::RawFd;
 use std::sync::Arc;

@@ -73,6 +73,18 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// virtio-net devices, numbered after the disks.
     pub nets: Vec<NetConfig>,
+    /// A virtio-vsock device, numbered after the entropy device.
+    pub vsock: Option<VsockConfig>,
+}
+
+/// A virtio-vsock device whose host side is a Unix socket (Firecracker's convention).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context ID (3 to 2^32 - 2).
+    pub cid: u64,
+    /// The Unix socket the VMM listens on for host-initiated connections; guest-initiated
+    /// connections to host port P go to `<socket>_P`. Removed when the VMM exits.
+    pub socket: PathBuf,
 }
 
 /// A memory balloon.
@@ -151,6 +163,7 @@ impl VmConfig {
             virtio_transport: VirtioTransport::Pci,
             disks: Vec::new(),
             nets: Vec::new(),
+            vsock: None,
         }
     }
 }

@@ -215,6 +215,9 @@ pub enum VmmError {
     /// A network device cannot be attached.
     #[error("cannot attach network device")]
     Net(#[from] virtio_devices::net::NetError),
+    /// The vsock device cannot be attached.
+    #[error("cannot attach vsock device")]
+    Vsock(#[from] virtio_devices::vsock::VsockError),
     /// More virtio devices than there are interrupt lines for them.
     #[error("too many virtio devices: {count} asked for, at most {max}")]
     TooManyDevices {

@@ -17,9 +17,12 @@ mod vm;
 
 pub use config::{
     BalloonConfig, DiskConfig, KernelImage, NetConfig, SerialOutput, VirtioTransport, VmConfig,
+    VsockConfig,
 };
 pub use error::{GuestFailure, VmmError};
 pub use vm::{Vm, VmOutcome};
 
 /// Checks a `--net tap=` name as the kernel will (see [`NetConfig`]).
 pub use virtio_devices::net::validate_tap_name;
+/// Checks a `--vsock cid=` value (see [`VsockConfig`]).
+pub use virtio_devices::vsock::validate_cid as validate_vsock_cid;

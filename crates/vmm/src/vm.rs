@@ -250,7 +250,8 @@ impl Vm {
         // Kernel, initrd, command line, boot structures.
         let loaded = kernel::load_kernel(&mem, &config.kernel, config.memory)?;
         let header = loaded.result.setup_header;
-        // virtio devices, in the order the guest numbers them: disks, nets, then entropy.
+        // virtio devices, in the order the guest numbers them: disks, nets, entropy, vsock,
+        // balloon.
         let mut virtio: Vec<Box<dyn virtio_devices::VirtioDevice>> = Vec::new();
         for disk in &config.disks {
             let mut block =
@@ -273,6 +274,10 @@ impl Vm {
         }
         if config.rng {
             virtio.push(Box::new(virtio_devices::rng::Rng::default()));
+        }
+        if let Some(vsock) = &config.vsock {
+            // The device removes its socket file when the VM ends.
+            virtio.push(Box::new(virtio_devices::vsock::Vsock::new(vsock.cid, &vsock.socket)?));
         }
         if let Some(balloon) = &config.balloon {
             let device =

@@ -20,6 +20,7 @@ mod powerbutton;
 mod reboot;
 mod rng;
 mod smp;
+mod vsock;
 
 /// A scenario's entry point: the boot information and the text after `=`, if any.
 type Scenario = fn(&BootInfo, Option<&str>) -> bool;
@@ -39,6 +40,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("rng", rng::run),
     ("net", net::run),
     ("balloon", balloon::run),
+    ("vsock", vsock::run),
     ("virtio", devices::run),
     ("msix", msix::run),
     ("reboot", reboot::run),
