@@ -293,6 +293,8 @@ pub struct Vsock {
     keys: HashMap<(u32, u32), u64>,
     next_token: u64,
     next_port: u32,
+    /// The most connections at once ([`MAX_CONNECTIONS`]; tests use fewer).
+    max_connections: usize,
     /// Packets for the guest that carry no data, in order.
     control: VecDeque<Header>,
     /// Where packets are assembled: a header and the largest payload, allocated once.
@@ -386,6 +388,7 @@ impl Vsock {
             keys: HashMap::new(),
             next_token: 2,
             next_port: FIRST_EPHEMERAL_PORT,
+            max_connections: MAX_CONNECTIONS,
             control: VecDeque::new(),
             scratch: vec![0u8; HEADER_LEN + MAX_PAYLOAD].into_boxed_slice(),
             stats: VsockStats::default(),
@@ -434,7 +437,7 @@ impl Vsock {
     }
 
     fn add_conn(&mut self, stream: UnixStream, state: State, key: (u32, u32)) -> Option<u64> {
-        if self.conns.len() >= MAX_CONNECTIONS || stream.set_nonblocking(true).is_err() {
+        if self.conns.len() >= self.max_connections || stream.set_nonblocking(true).is_err() {
             return None;
         }
         let token = self.next_token;
@@ -721,7 +724,7 @@ impl Vsock {
     /// The guest connects to host port `h.dst_port`: the socket `PATH_<port>`.
     fn guest_connect(&mut self, h: &Header) {
         let key = (h.dst_port, h.src_port);
-        if self.conns.len() >= MAX_CONNECTIONS || self.control.len() >= MAX_CONTROL {
+        if self.conns.len() >= self.max_connections || self.control.len() >= MAX_CONTROL {
             let header = Self::header_for(self.cid, key, op::RST);
             self.push_control(header);
             return;
@@ -1459,5 +1462,45 @@ mod tests {
         assert_eq!(dev.stats().rx_bad_chains, 2);
         let got = guest.receive(&mut dev);
         assert!(got.iter().any(|(h, _)| h.op == op::RST && h.dst_port == 43000), "{got:?}");
+    }
+
+    /// Beyond the limit, guest REQUESTs get RST and host programs are closed at once; a
+    /// closed connection frees its slot.
+    #[test]
+    fn connections_are_bounded() {
+        let dir = Dir::new();
+        let mut dev = Vsock::new(CID, &dir.socket()).unwrap();
+        dev.max_connections = 2;
+        let mem = mem();
+        let mut guest = Guest::new(&mem);
+        let listener = UnixListener::bind(dir.0.join("v.sock_5000")).unwrap();
+        for port in [40000, 40001, 40002] {
+            guest.send(&mut dev, packet(op::REQUEST, port, 5000), &[]);
+        }
+        let got = guest.receive(&mut dev);
+        let ops: Vec<(u16, u32)> = got.iter().map(|(h, _)| (h.op, h.dst_port)).collect();
+        assert_eq!(
+            ops,
+            [(op::RESPONSE, 40000), (op::RESPONSE, 40001), (op::RST, 40002)],
+            "{got:?}"
+        );
+        assert_eq!(dev.connection_count(), 2);
+        let mut host = UnixStream::connect(dir.socket()).unwrap();
+        host.write_all(b"CONNECT 7\n").unwrap();
+        settle();
+        assert!(guest.receive(&mut dev).is_empty(), "no REQUEST beyond the limit");
+        host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = Vec::new();
+        // Closed with its line unread: EOF or a reset.
+        match host.read_to_end(&mut buf) {
+            Ok(n) => assert_eq!(n, 0),
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
+        }
+        // The guest resets one: its slot takes the next REQUEST.
+        guest.send(&mut dev, packet(op::RST, 40000, 5000), &[]);
+        guest.send(&mut dev, packet(op::REQUEST, 40003, 5000), &[]);
+        let got = guest.receive(&mut dev);
+        assert_eq!((got.len(), got[0].0.op, got[0].0.dst_port), (1, op::RESPONSE, 40003));
+        drop(listener);
     }
 }
