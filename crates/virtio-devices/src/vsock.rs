@@ -21,8 +21,9 @@
 //!
 //! The worker thread waits on one epoll descriptor owned by the device (its only entry in
 //! [`VirtioDevice::event_fds`]): the listener, every connection's socket (edge-triggered,
-//! added and removed as connections come and go) and a kick eventfd through which the tx
-//! path asks for another rx pass. Guest packets are hostile: a short header, a length beyond
+//! added and removed as connections come and go), a kick eventfd through which the tx path
+//! asks for another rx pass, and a timer that drops connections pending for longer than
+//! [`PENDING_TIMEOUT`] (a host program that never sends its line, a REQUEST never answered). Guest packets are hostile: a short header, a length beyond
 //! the chain or [`MAX_PAYLOAD`], a wrong CID, an unknown type or op are dropped (with RST
 //! where a connection exists); at most [`MAX_CONNECTIONS`] connections live at once.
 
@@ -33,10 +34,12 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 /// The virtio device ID of a socket device.
 pub const VIRTIO_ID_VSOCK: u32 = 19;
@@ -91,9 +94,15 @@ pub const SHUTDOWN_RCV: u32 = 1;
 /// See [`SHUTDOWN_RCV`].
 pub const SHUTDOWN_SEND: u32 = 2;
 
-/// epoll tokens: the listener, the kick eventfd; connections from 2 up.
+/// How long a host program may take to send its `CONNECT` line, and the guest to answer a
+/// REQUEST, before the connection is dropped (Firecracker allows 2 s too).
+pub const PENDING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// epoll tokens: the listener, the kick eventfd, the timeout timer; connections from 3 up.
 const TOKEN_LISTENER: u64 = 0;
 const TOKEN_KICK: u64 = 1;
+const TOKEN_TIMER: u64 = 2;
+const FIRST_CONN_TOKEN: u64 = 3;
 
 /// Errors creating a vsock device.
 #[derive(Debug, thiserror::Error)]
@@ -252,6 +261,8 @@ struct Conn {
     fwd_cnt_sent: u32,
     /// A CREDIT_UPDATE is owed to the guest.
     credit_update: bool,
+    /// When the connection entered its state (for the Handshake and Connecting timeouts).
+    since: Instant,
 }
 
 impl Conn {
@@ -272,6 +283,7 @@ impl Conn {
             fwd_cnt: 0,
             fwd_cnt_sent: 0,
             credit_update: false,
+            since: Instant::now(),
         }
     }
 
@@ -289,6 +301,11 @@ pub struct Vsock {
     listener: UnixListener,
     epoll: Epoll,
     kick: EventFd,
+    /// Wakes the worker to drop connections stuck in Handshake or Connecting.
+    timer: TimerFd,
+    timer_armed: bool,
+    /// [`PENDING_TIMEOUT`]; tests use less.
+    pending_timeout: Duration,
     conns: HashMap<u64, Conn>,
     keys: HashMap<(u32, u32), u64>,
     next_token: u64,
@@ -371,9 +388,13 @@ impl Vsock {
     fn with_listener(cid: u64, path: &Path, listener: UnixListener) -> Result<Vsock, VsockError> {
         let epoll = Epoll::new().map_err(VsockError::Setup)?;
         let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(VsockError::Setup)?;
+        let timer = TimerFd::new().map_err(|e| VsockError::Setup(e.into()))?;
         let et = EventSet::IN | EventSet::EDGE_TRIGGERED;
-        for (fd, token) in [(listener.as_raw_fd(), TOKEN_LISTENER), (kick.as_raw_fd(), TOKEN_KICK)]
-        {
+        for (fd, token) in [
+            (listener.as_raw_fd(), TOKEN_LISTENER),
+            (kick.as_raw_fd(), TOKEN_KICK),
+            (timer.as_raw_fd(), TOKEN_TIMER),
+        ] {
             epoll
                 .ctl(ControlOperation::Add, fd, EpollEvent::new(et, token))
                 .map_err(VsockError::Setup)?;
@@ -384,9 +405,12 @@ impl Vsock {
             listener,
             epoll,
             kick,
+            timer,
+            timer_armed: false,
+            pending_timeout: PENDING_TIMEOUT,
             conns: HashMap::new(),
             keys: HashMap::new(),
-            next_token: 2,
+            next_token: FIRST_CONN_TOKEN,
             next_port: FIRST_EPHEMERAL_PORT,
             max_connections: MAX_CONNECTIONS,
             control: VecDeque::new(),
@@ -446,12 +470,47 @@ impl Vsock {
         self.epoll
             .ctl(ControlOperation::Add, stream.as_raw_fd(), EpollEvent::new(events, token))
             .ok()?;
-        self.next_token = self.next_token.wrapping_add(1).max(2);
+        self.next_token = self.next_token.wrapping_add(1).max(FIRST_CONN_TOKEN);
         if state != State::Handshake {
             self.keys.insert(key, token);
+        } else {
+            self.arm_timer();
         }
         self.conns.insert(token, Conn::new(stream, state, key));
         Some(token)
+    }
+
+    /// Makes sure the timer will fire to check the pending connections' deadlines (every
+    /// quarter of the timeout while any is pending).
+    fn arm_timer(&mut self) {
+        if !self.timer_armed && self.timer.reset(self.pending_timeout / 4, None).is_ok() {
+            self.timer_armed = true;
+        }
+    }
+
+    /// Drops the connections that waited too long: a host program that never sent its
+    /// `CONNECT` line is closed; one whose REQUEST the guest never answered is closed and the
+    /// guest gets RST (so that a late RESPONSE finds nothing).
+    fn expire_pending(&mut self) {
+        self.timer_armed = false;
+        let timeout = self.pending_timeout;
+        let mut expired = Vec::new();
+        let mut pending = false;
+        for (token, conn) in &self.conns {
+            if matches!(conn.state, State::Handshake | State::Connecting) {
+                if conn.since.elapsed() >= timeout {
+                    expired.push((*token, conn.state == State::Connecting));
+                } else {
+                    pending = true;
+                }
+            }
+        }
+        for (token, rst) in expired {
+            self.close(token, rst);
+        }
+        if pending {
+            self.arm_timer();
+        }
     }
 
     /// Closes a connection (the host socket with it); with `rst`, tells the guest.
@@ -547,7 +606,9 @@ impl Vsock {
             conn.state = State::Connecting;
             conn.key = key;
             conn.readable = false;
+            conn.since = Instant::now();
         }
+        self.arm_timer();
         self.keys.insert(key, token);
         let header = Self::header_for(self.cid, key, op::REQUEST);
         if !self.push_control(header) {
@@ -621,6 +682,7 @@ impl Vsock {
                     TOKEN_KICK => {
                         let _ = self.kick.read();
                     }
+                    TOKEN_TIMER => self.expire_pending(),
                     _ => {
                         let Some(conn) = self.conns.get_mut(&token) else { continue };
                         if set.intersects(
@@ -1502,5 +1564,40 @@ mod tests {
         let got = guest.receive(&mut dev);
         assert_eq!((got.len(), got[0].0.op, got[0].0.dst_port), (1, op::RESPONSE, 40003));
         drop(listener);
+    }
+
+    /// A host program that never sends its line, and a REQUEST the guest never answers, are
+    /// dropped after the timeout (the guest gets RST for the latter).
+    #[test]
+    fn pending_connections_time_out() {
+        let dir = Dir::new();
+        let mut dev = Vsock::new(CID, &dir.socket()).unwrap();
+        dev.pending_timeout = Duration::from_millis(100);
+        let mem = mem();
+        let mut guest = Guest::new(&mem);
+        let mut silent = UnixStream::connect(dir.socket()).unwrap();
+        let mut unanswered = UnixStream::connect(dir.socket()).unwrap();
+        unanswered.write_all(b"CONNECT 80\n").unwrap();
+        let got = guest.receive(&mut dev);
+        assert_eq!((got.len(), got[0].0.op), (1, op::REQUEST));
+        let host_port = got[0].0.src_port;
+        assert_eq!(dev.connection_count(), 2);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut got = Vec::new();
+        while dev.connection_count() > 0 {
+            assert!(Instant::now() < deadline, "still {} connections", dev.connection_count());
+            std::thread::sleep(Duration::from_millis(10));
+            got.extend(guest.receive(&mut dev));
+        }
+        assert!(got.iter().any(|(h, _)| h.op == op::RST && h.src_port == host_port), "{got:?}");
+        for stream in [&mut silent, &mut unanswered] {
+            stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = Vec::new();
+            assert_eq!(stream.read_to_end(&mut buf).unwrap(), 0);
+        }
+        // A late RESPONSE finds no connection: it is answered with RST.
+        guest.send(&mut dev, packet(op::RESPONSE, 80, host_port), &[]);
+        let got = guest.receive(&mut dev);
+        assert_eq!((got.len(), got[0].0.op), (1, op::RST));
     }
 }
