@@ -453,6 +453,9 @@ impl Vm {
         let BuiltVm { vm, mem, pio, mmio, boot, cpuid, power } = built;
         // vCPUs, each configured and run on its own thread.
         install_kick_handler();
+        // Before any vCPU runs: a SIGTERM that arrives once the guest is up must press the
+        // power button, not end the process with the default action.
+        install_sigterm_handler();
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
         let mut threads = Vec::with_capacity(usize::from(config.cpus));
@@ -495,7 +498,6 @@ impl Vm {
 
         // The first report decides the outcome; then every vCPU is stopped. Meanwhile a
         // SIGTERM presses the power button, as a host shutting down would.
-        install_sigterm_handler();
         let first = loop {
             match rx.recv_timeout(Duration::from_millis(50)) {
                 Err(mpsc::RecvTimeoutError::Timeout) => {
