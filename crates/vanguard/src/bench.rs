@@ -38,6 +38,11 @@ pub enum Bench {
         /// The virtio transport: pci or mmio.
         #[arg(long, default_value = "pci")]
         transport: String,
+        /// Who serves the guest's disk: in-vmm (the VMM's own virtio-blk), vhost-user
+        /// (`vanguard vhost-user blk` through `--disk vhost-user=`), qsd (qemu-storage-daemon's
+        /// vhost-user-blk export) or all (the three side by side, on the same image).
+        #[arg(long, default_value = "in-vmm")]
+        backend: String,
     },
     /// All of the above with their defaults.
     All,
@@ -207,17 +212,28 @@ pub fn run(which: Bench) -> Result<(), String> {
         Bench::Boot { runs } => boot(runs),
         Bench::Memory => memory(),
         Bench::Pio { count, runs } => pio(count, runs),
-        Bench::Disk { size_mib, ops, transport } => {
+        Bench::Disk { size_mib, ops, transport, backend } => {
             if transport != "pci" && transport != "mmio" {
                 return Err(format!("unknown transport '{transport}': use pci or mmio"));
             }
-            disk(size_mib, ops, &transport)
+            let backends = match backend.as_str() {
+                "in-vmm" => vec![DiskBackend::InVmm],
+                "vhost-user" => vec![DiskBackend::VhostUser],
+                "qsd" => vec![DiskBackend::Qsd],
+                "all" => vec![DiskBackend::InVmm, DiskBackend::VhostUser, DiskBackend::Qsd],
+                _ => {
+                    return Err(format!(
+                        "unknown backend '{backend}': use in-vmm, vhost-user, qsd or all"
+                    ))
+                }
+            };
+            disk(size_mib, ops, &transport, &backends)
         }
         Bench::All => {
             boot(20)?;
             memory()?;
             pio(100_000, 7)?;
-            disk(256, 4000, "pci")
+            disk(256, 4000, "pci", &[DiskBackend::InVmm])
         }
     }
 }
@@ -315,11 +331,91 @@ fn disk_line(what: &str, unit: &str, guest: f64, host: f64, peer: &str) {
     );
 }
 
-fn disk(size_mib: u64, ops: u64, transport: &str) -> Result<(), String> {
+/// Who serves the benchmark guest's disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DiskBackend {
+    /// The VMM's own virtio-blk (`--disk path=`).
+    InVmm,
+    /// `vanguard vhost-user blk`, attached with `--disk vhost-user=`.
+    VhostUser,
+    /// qemu-storage-daemon's vhost-user-blk export, attached the same way.
+    Qsd,
+}
+
+impl DiskBackend {
+    fn label(self) -> &'static str {
+        match self {
+            DiskBackend::InVmm => "in-VMM",
+            DiskBackend::VhostUser => "vanguard vhost-user",
+            DiskBackend::Qsd => "qemu-storage-daemon",
+        }
+    }
+}
+
+/// A backend process for one benchmark VM; killed when dropped.
+struct BackendProcess(std::process::Child);
+
+impl Drop for BackendProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `backend` on `image` listening on `socket` (None for the in-VMM disk) and waits for
+/// its socket.
+fn start_backend(
+    backend: DiskBackend,
+    exe: &std::path::Path,
+    image: &std::path::Path,
+    socket: &std::path::Path,
+) -> Result<Option<BackendProcess>, String> {
+    let _ = std::fs::remove_file(socket);
+    let mut cmd = match backend {
+        DiskBackend::InVmm => return Ok(None),
+        DiskBackend::VhostUser => {
+            let mut cmd = Command::new(exe);
+            cmd.args(["vhost-user", "blk", "--socket"]).arg(socket).arg("--image").arg(image);
+            cmd
+        }
+        DiskBackend::Qsd => {
+            let mut cmd = Command::new("qemu-storage-daemon");
+            cmd.arg("--blockdev")
+                .arg(format!("driver=file,node-name=f,filename={}", image.display()))
+                .arg("--export")
+                .arg(format!(
+                    "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on",
+                    socket.display()
+                ));
+            cmd
+        }
+    };
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start the {} backend: {e}", backend.label()))?;
+    let mut process = BackendProcess(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        if let Ok(Some(status)) = process.0.try_wait() {
+            return Err(format!("the {} backend exited with {status}", backend.label()));
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the {} backend did not listen within 20 s", backend.label()));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(Some(process))
+}
+
+fn disk(size_mib: u64, ops: u64, transport: &str, backends: &[DiskBackend]) -> Result<(), String> {
     let tsc = tsc_per_us() * 1e6;
     let exe = self_exe()?;
     let fio_present = Command::new("fio").arg("--version").output().is_ok();
-    println!("disk: virtio-blk (virtio-{transport}, ioeventfd + worker thread) vs the host on the same file,");
+    let served = backends.iter().map(|b| b.label()).collect::<Vec<_>>().join(", ");
+    println!("disk: virtio-blk (virtio-{transport}, ioeventfd; served by {served}) vs the host on the same file,");
     println!("      {size_mib} MiB image; MiB/s and IOPS, ratio = guest / host");
     if !fio_present {
         println!(
@@ -339,14 +435,95 @@ fn disk(size_mib: u64, ops: u64, transport: &str) -> Result<(), String> {
         // Fill it, so neither side reads holes, and warm the page cache the same for both.
         host_disk_pass(&path, 0)?;
         println!("  {dir}:");
-        let result = disk_one(&exe, &path, size_mib, ops, transport, tsc);
+        let result = disk_one(&exe, &path, size_mib, ops, transport, tsc, backends);
         let _ = std::fs::remove_file(&path);
         result?;
     }
     Ok(())
 }
 
-/// The guest's run and the host's on one image.
+/// What the benchmark guest measured (bytes or operations per second).
+struct GuestDisk {
+    read: f64,
+    write: f64,
+    rand: f64,
+    rand32: Option<f64>,
+    seq32: Option<f64>,
+}
+
+/// One benchmark VM on `path`, its disk served by `backend`.
+fn guest_disk(
+    exe: &std::path::Path,
+    path: &std::path::Path,
+    size_mib: u64,
+    ops: u64,
+    transport: &str,
+    tsc: f64,
+    backend: DiskBackend,
+) -> Result<GuestDisk, String> {
+    let socket = path.with_extension("sock");
+    let process = start_backend(backend, exe, path, &socket)?;
+    let disk = match process {
+        None => format!("path={}", path.display()),
+        Some(_) => format!("vhost-user={}", socket.display()),
+    };
+    let out = Command::new(exe)
+        .args(["run", "--cmdline", &format!("diskbench={ops}"), "--memory", "256M"])
+        .args(["--virtio-transport", transport])
+        .arg("--disk")
+        .arg(disk)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot start {}: {e}", exe.display()));
+    drop(process);
+    let _ = std::fs::remove_file(&socket);
+    let out = out?;
+    let serial = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        return Err(format!(
+            "the VM ({}) failed: {}{serial}",
+            backend.label(),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let bytes = (size_mib << 20) as f64;
+    Ok(GuestDisk {
+        read: bytes / (guest_cycles(&serial, "seqread")? / tsc),
+        write: bytes / (guest_cycles(&serial, "seqwrite")? / tsc),
+        rand: ops as f64 / (guest_cycles(&serial, "randread4k")? / tsc),
+        rand32: guest_cycles(&serial, "randread4k-qd32").ok().map(|c| ops as f64 / (c / tsc)),
+        seq32: guest_amount(&serial, "seqread-qd32")
+            .and_then(|amount| Some(amount / (guest_cycles(&serial, "seqread-qd32").ok()? / tsc))),
+    })
+}
+
+/// Several backends on one image: a row per figure, a column per backend (guest figure and
+/// its ratio to the host's best).
+fn disk_table(results: &[(DiskBackend, GuestDisk)], host: &[(&str, &str, f64, &str)]) {
+    let mut header = format!("    {:<22} {:>18}", "", "host (best)");
+    for (backend, _) in results {
+        header.push_str(&format!(" {:>26}", backend.label()));
+    }
+    println!("{header}");
+    let figures: [fn(&GuestDisk) -> Option<f64>; 5] =
+        [|g| Some(g.read), |g| g.seq32, |g| Some(g.write), |g| Some(g.rand), |g| g.rand32];
+    let mib = (1u64 << 20) as f64;
+    for ((what, unit, host, _), figure) in host.iter().zip(figures) {
+        let scale = if *unit == "MiB/s" { mib } else { 1.0 };
+        let mut line = format!("    {what:<22} {:>12.0} {unit:<5}", host / scale);
+        for (_, guest) in results {
+            match figure(guest) {
+                Some(g) => {
+                    line.push_str(&format!(" {:>12.0} {unit:<5} ({:.2}) ", g / scale, g / host))
+                }
+                None => line.push_str(&format!(" {:>26}", "-")),
+            }
+        }
+        println!("{line}");
+    }
+}
+
+/// The guest's runs (one per backend) and the host's on one image.
 fn disk_one(
     exe: &std::path::Path,
     path: &std::path::Path,
@@ -354,23 +531,13 @@ fn disk_one(
     ops: u64,
     transport: &str,
     tsc: f64,
+    backends: &[DiskBackend],
 ) -> Result<(), String> {
-    let out = Command::new(exe)
-        .args(["run", "--cmdline", &format!("diskbench={ops}"), "--memory", "256M"])
-        .args(["--virtio-transport", transport])
-        .arg("--disk")
-        .arg(format!("path={}", path.display()))
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
-    let serial = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut results = Vec::new();
+    for backend in backends {
+        results.push((*backend, guest_disk(exe, path, size_mib, ops, transport, tsc, *backend)?));
+    }
     let bytes = (size_mib << 20) as f64;
-    let g_read = bytes / (guest_cycles(&serial, "seqread")? / tsc);
-    let g_write = bytes / (guest_cycles(&serial, "seqwrite")? / tsc);
-    let g_rand = ops as f64 / (guest_cycles(&serial, "randread4k")? / tsc);
-    let g_rand32 = guest_cycles(&serial, "randread4k-qd32").ok().map(|c| ops as f64 / (c / tsc));
-    let g_seq32 = guest_amount(&serial, "seqread-qd32")
-        .and_then(|amount| Some(amount / (guest_cycles(&serial, "seqread-qd32").ok()? / tsc)));
     let (h_read, h_write, h_rand) = host_disk_pass(path, ops)?;
     // The host's best: its own pread/pwrite loop (what dd does) or fio, whichever is faster.
     let own = "pread loop";
@@ -390,6 +557,23 @@ fn disk_one(
     let (host_seq32, l_seq32) = best(bytes / h_read, f_seq32, "fio io_uring QD32");
     let (host_rand, l_rand) = best(ops as f64 / h_rand, f_rand, "fio psync");
     let (host_rand32, l_rand32) = best(ops as f64 / h_rand, f_rand32, "fio io_uring QD32");
+    if results.len() > 1 {
+        disk_table(
+            &results,
+            &[
+                ("seq read 1 MiB QD1", "MiB/s", host_read, l_read),
+                ("seq read 1 MiB QD32", "MiB/s", host_seq32, l_seq32),
+                ("seq write 1 MiB QD1", "MiB/s", host_write, l_write),
+                ("rand read 4 KiB QD1", "IOPS", host_rand, l_rand),
+                ("rand read 4 KiB QD32", "IOPS", host_rand32, l_rand32),
+            ],
+        );
+        println!("    (host: {l_read}, {l_seq32}, {l_write}, {l_rand}, {l_rand32})");
+        return Ok(());
+    }
+    let Some((_, guest)) = results.pop() else { return Ok(()) };
+    let GuestDisk { read: g_read, write: g_write, rand: g_rand, rand32: g_rand32, seq32: g_seq32 } =
+        guest;
     disk_line("seq read 1 MiB QD1", "MiB/s", g_read / mib, host_read / mib, l_read);
     if let Some(g) = g_seq32 {
         disk_line("seq read 1 MiB QD32", "MiB/s", g / mib, host_seq32 / mib, l_seq32);

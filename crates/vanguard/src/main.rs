@@ -107,7 +107,9 @@ struct RunArgs {
     /// Attach a virtio-blk disk: path=FILE[,readonly=on|off][,direct=on|off][,serial=ID]
     /// [,bandwidth=SIZE[/PERIOD]][,bandwidth_burst=SIZE][,ops=N[/PERIOD]][,ops_burst=N];
     /// direct=on opens the image with O_DIRECT (no host page cache; the file system must
-    /// support it and the image be whole 512-byte sectors). Repeat for more disks (the guest
+    /// support it and the image be whole 512-byte sectors). Or vhost-user=SOCKET alone: an
+    /// external vhost-user-blk backend (`vanguard vhost-user blk`, qemu-storage-daemon, ...)
+    /// serves the disk, and guest memory is shared with it. Repeat for more disks (the guest
     /// numbers them in this order).
     #[arg(long, value_parser = parse_disk)]
     disk: Vec<vmm::DiskConfig>,
@@ -198,11 +200,18 @@ fn parse_disk(s: &str) -> Result<vmm::DiskConfig, String> {
     let mut direct = false;
     let mut serial = String::new();
     let mut limits = Vec::new();
+    let mut vhost_user = None;
+    let mut local_options = Vec::new();
     for part in s.split(',') {
         let (key, value) = part
             .split_once('=')
             .ok_or_else(|| format!("invalid disk option '{part}': expected KEY=VALUE"))?;
+        if key != "vhost-user" {
+            local_options.push(key);
+        }
         match key {
+            "vhost-user" if !value.is_empty() => vhost_user = Some(std::path::PathBuf::from(value)),
+            "vhost-user" => return Err("vhost-user= needs the backend's socket path".into()),
             "path" if !value.is_empty() => path = Some(std::path::PathBuf::from(value)),
             "readonly" => {
                 read_only = match value {
@@ -224,19 +233,35 @@ fn parse_disk(s: &str) -> Result<vmm::DiskConfig, String> {
             _ => {
                 return Err(format!(
                     "invalid disk option '{part}': use path=, readonly=, direct=, serial=, \
-                     bandwidth=, bandwidth_burst=, ops= or ops_burst="
+                     bandwidth=, bandwidth_burst=, ops=, ops_burst= or vhost-user="
                 ))
             }
         }
     }
-    let path = path.ok_or("a disk needs path=FILE")?;
+    if let Some(socket) = vhost_user {
+        if let Some(key) = local_options.first() {
+            return Err(format!(
+                "vhost-user= cannot be combined with {key}=: the backend decides the image and \
+                 its options"
+            ));
+        }
+        return Ok(vmm::DiskConfig {
+            path: std::path::PathBuf::new(),
+            read_only: false,
+            serial: String::new(),
+            rate_limit: None,
+            direct: false,
+            vhost_user: Some(socket),
+        });
+    }
+    let path = path.ok_or("a disk needs path=FILE or vhost-user=SOCKET")?;
     let rate_limit = if limits.is_empty() {
         None
     } else {
         let config = limits.join(",").parse::<rate_limiter::RateLimiterConfig>();
         Some(config.map_err(|e| format!("invalid disk rate limit: {e}"))?)
     };
-    Ok(vmm::DiskConfig { path, read_only, serial, rate_limit, direct })
+    Ok(vmm::DiskConfig { path, read_only, serial, rate_limit, direct, vhost_user: None })
 }
 
 /// A MAC address written as six pairs of hex digits separated by colons.

@@ -16,6 +16,7 @@ pub mod net;
 pub mod pci;
 pub mod rng;
 pub mod transport;
+pub mod vhost_user_blk;
 pub mod vsock;
 
 use std::os::fd::RawFd;
@@ -113,6 +114,56 @@ pub trait VirtioDevice: Send {
     fn config_changed(&mut self) -> bool {
         false
     }
+    /// A device whose queues run outside the VMM (a vhost-user backend) answers with its
+    /// [`ExternalQueues`]: the transport then hands it the rings and eventfds at DRIVER_OK
+    /// instead of starting a worker that calls [`VirtioDevice::process_queue`].
+    fn external_queues(&mut self) -> Option<&mut dyn ExternalQueues> {
+        None
+    }
+}
+
+/// One queue as the driver set it up, handed to a device that runs its queues elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueSetup {
+    /// The queue's index.
+    pub index: u16,
+    /// Its size (entries).
+    pub size: u16,
+    /// Guest-physical address of the descriptor table (the transport checked that every
+    /// ring lies in guest memory).
+    pub desc: u64,
+    /// The driver ring.
+    pub avail: u64,
+    /// The device ring.
+    pub used: u64,
+    /// The first available entry the device has not consumed.
+    pub next_avail: u16,
+}
+
+/// The seam for devices whose queues are served by another process (vhost-user): the
+/// transport keeps the registers, the status machine and the interrupts; the device gets the
+/// rings and two eventfds per queue: `kick`, which KVM signals when the driver notifies (an
+/// ioeventfd), and `call`, which the backend signals when it used buffers (the transport turns
+/// it into the queue's interrupt).
+pub trait ExternalQueues {
+    /// The driver set DRIVER_OK: start the enabled `queues` with the negotiated `features`.
+    /// `kicks` and `calls` are indexed like `queues`. An error (the backend refused or is gone)
+    /// marks the device NEEDS_RESET; its text is printed after [`ExternalQueues::describe`].
+    fn activate(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        features: u64,
+        queues: &[QueueSetup],
+        kicks: &[vmm_sys_util::eventfd::EventFd],
+        calls: &[vmm_sys_util::eventfd::EventFd],
+    ) -> Result<(), String>;
+    /// Stops every started queue (the backend hands back its ring positions) before the
+    /// transport changes anything: on reset, and when the device is dropped.
+    fn deactivate(&mut self);
+    /// A descriptor that reports a hang-up when the backend goes away (its socket).
+    fn hangup_fd(&self) -> Option<RawFd>;
+    /// What to call the backend in messages.
+    fn describe(&self) -> String;
 }
 
 /// Serves every chain available on `queue`: `serve` handles one and returns the length it

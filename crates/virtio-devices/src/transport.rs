@@ -14,7 +14,7 @@
 //! device cannot serve yet (a readable TAP with no receive buffers) does not wake it in a
 //! loop; when one fires it calls [`VirtioDevice::event_ready`] and serves every queue.
 
-use crate::{status, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::{status, QueueSetup, VirtioDevice, VIRTIO_F_VERSION_1};
 use devices::bus::lock;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -81,6 +81,56 @@ struct Worker {
     /// Where each notifier is registered.
     addresses: Vec<NotifyAddress>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The device runs its queues elsewhere ([`crate::ExternalQueues`]): the notifiers are its
+    /// kick eventfds and the thread turns its call eventfds into interrupts.
+    external: bool,
+}
+
+/// The thread of a device that runs its queues elsewhere: each queue's call eventfd becomes
+/// that queue's interrupt; a hang-up of the backend marks the device NEEDS_RESET.
+fn call_loop(
+    signals: Arc<Signals>,
+    stop: EventFd,
+    calls: Vec<EventFd>,
+    hangup: Option<std::os::fd::RawFd>,
+    describe: String,
+) {
+    let mut fds: Vec<libc::pollfd> = std::iter::once(&stop)
+        .chain(&calls)
+        .map(|e| libc::pollfd { fd: e.as_raw_fd(), events: libc::POLLIN, revents: 0 })
+        .collect();
+    if let Some(fd) = hangup {
+        fds.push(libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 });
+    }
+    let hangup_at = calls.len() + 1;
+    loop {
+        let ready = wait_for_work(&mut fds);
+        if ready < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        if fds[0].revents != 0 {
+            return;
+        }
+        for (i, pfd) in fds.iter().enumerate().skip(1).take(calls.len()) {
+            if pfd.revents & libc::POLLIN != 0 {
+                let _ = calls[i - 1].read();
+                if let Ok(index) = u16::try_from(i - 1) {
+                    signals.interrupt.queue(index);
+                }
+            }
+        }
+        if let Some(pfd) = fds.get_mut(hangup_at) {
+            if pfd.fd >= 0 && pfd.revents != 0 {
+                eprintln!("vanguard: {describe} hung up; the device needs a reset");
+                pfd.fd = -1;
+                signals.needs_reset.store(true, Ordering::Release);
+                signals.interrupt.config();
+            }
+        }
+    }
 }
 
 fn worker_loop(
@@ -236,6 +286,21 @@ impl VirtioCore {
         registrar: Arc<dyn NotifyRegistrar>,
         addresses: Vec<NotifyAddress>,
     ) {
+        if let Some(worker) = self.worker.as_mut().filter(|w| w.external) {
+            // The backend keeps running: only the kick eventfds move.
+            if let Some(old) = &self.registrar {
+                for (fd, (addr, datamatch)) in worker.notifiers.iter().zip(&worker.addresses) {
+                    let _ = old.unregister(*addr, *datamatch, fd);
+                }
+            }
+            for (fd, (addr, datamatch)) in worker.notifiers.iter().zip(&addresses) {
+                let _ = registrar.register(*addr, *datamatch, fd);
+            }
+            worker.addresses = addresses.iter().copied().take(worker.notifiers.len()).collect();
+            self.registrar = Some(registrar);
+            self.notify_addresses = addresses;
+            return;
+        }
         let running = self.worker.is_some();
         self.stop_worker();
         self.registrar = Some(registrar);
@@ -416,6 +481,12 @@ impl VirtioCore {
         if self.status & status::DRIVER_OK == 0 {
             return;
         }
+        if let Some(worker) = self.worker.as_ref().filter(|w| w.external) {
+            if let Some(kick) = usize::try_from(index).ok().and_then(|i| worker.notifiers.get(i)) {
+                let _ = kick.write(1);
+            }
+            return;
+        }
         if let Ok(index) = u16::try_from(index) {
             serve(&self.shared, &self.signals, &self.mem, index);
         }
@@ -440,6 +511,12 @@ impl VirtioCore {
     /// Stops the worker (if any) and detaches its eventfds.
     fn stop_worker(&mut self) {
         let Some(mut worker) = self.worker.take() else { return };
+        if worker.external {
+            // The backend stops the rings before anything else changes.
+            if let Some(external) = lock(&self.shared).device.external_queues() {
+                external.deactivate();
+            }
+        }
         let _ = worker.stop.write(1);
         if let Some(thread) = worker.thread.take() {
             let _ = thread.join();
@@ -453,6 +530,13 @@ impl VirtioCore {
 
     /// Starts the worker; on any failure notifications stay on the vCPU thread.
     fn start_worker(&mut self) {
+        if lock(&self.shared).device.external_queues().is_some() {
+            if let Err(e) = self.start_external() {
+                eprintln!("vanguard: {e}; the device needs a reset");
+                self.needs_reset();
+            }
+            return;
+        }
         let Some(registrar) = self.registrar.clone() else { return };
         let count = self.queue_count();
         let addresses: Vec<NotifyAddress> =
@@ -490,7 +574,101 @@ impl VirtioCore {
             unregister(&notifiers);
             return;
         }
-        self.worker = Some(Worker { stop, notifiers, addresses, thread });
+        self.worker = Some(Worker { stop, notifiers, addresses, thread, external: false });
+    }
+
+    /// DRIVER_OK for a device that runs its queues elsewhere: a kick eventfd per queue (a KVM
+    /// ioeventfd on its notification address), a call eventfd per queue that a thread turns
+    /// into the queue's interrupt, and the enabled queues handed to the device.
+    fn start_external(&mut self) -> Result<(), String> {
+        let setups: Vec<QueueSetup> = {
+            let shared = lock(&self.shared);
+            shared
+                .queues
+                .iter()
+                .enumerate()
+                .filter(|(_, q)| q.ready())
+                .filter_map(|(i, q)| {
+                    Some(QueueSetup {
+                        index: u16::try_from(i).ok()?,
+                        size: q.size(),
+                        desc: q.desc_table(),
+                        avail: q.avail_ring(),
+                        used: q.used_ring(),
+                        next_avail: q.next_avail(),
+                    })
+                })
+                .collect()
+        };
+        let count = self.queue_count();
+        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"));
+        let mut notifiers = Vec::with_capacity(count);
+        let mut calls = Vec::with_capacity(count);
+        for _ in 0..count {
+            notifiers.push(eventfd()?);
+            calls.push(eventfd()?);
+        }
+        let stop = eventfd()?;
+        let addresses: Vec<NotifyAddress> =
+            self.notify_addresses.iter().copied().take(count).collect();
+        let mut worker =
+            Worker { stop, notifiers, addresses: Vec::new(), thread: None, external: true };
+        if let Some(registrar) = &self.registrar {
+            for (fd, (addr, datamatch)) in worker.notifiers.iter().zip(&addresses) {
+                registrar
+                    .register(*addr, *datamatch, fd)
+                    .map_err(|e| format!("cannot register a queue notification: {e}"))?;
+                worker.addresses.push((*addr, *datamatch));
+            }
+        }
+        // From here on, dropping `worker` through stop_worker undoes everything.
+        let (describe, hangup, activated) = {
+            let mut shared = lock(&self.shared);
+            let Some(external) = shared.device.external_queues() else {
+                return Err("the device no longer runs its queues elsewhere".into());
+            };
+            let pick = |fds: &[EventFd]| -> Vec<EventFd> {
+                setups
+                    .iter()
+                    .filter_map(|s| fds.get(usize::from(s.index)))
+                    .filter_map(|f| f.try_clone().ok())
+                    .collect()
+            };
+            let (kicks, queue_calls) = (pick(&worker.notifiers), pick(&calls));
+            let activated =
+                external.activate(&self.mem, self.driver_features, &setups, &kicks, &queue_calls);
+            (external.describe(), external.hangup_fd(), activated)
+        };
+        let stop_clone = worker.stop.try_clone().map_err(|e| format!("eventfd: {e}"));
+        self.worker = Some(worker);
+        if let Err(e) = activated {
+            self.stop_worker();
+            return Err(format!("{describe}: {e}"));
+        }
+        let stop_clone = match stop_clone {
+            Ok(stop) => stop,
+            Err(e) => {
+                self.stop_worker();
+                return Err(e);
+            }
+        };
+        let signals = self.signals.clone();
+        let message = describe.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vhost-call-{}", self.device_type()))
+            .spawn(move || call_loop(signals, stop_clone, calls, hangup, message));
+        match thread {
+            Ok(thread) => {
+                if let Some(worker) = self.worker.as_mut() {
+                    worker.thread = Some(thread);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.stop_worker();
+                Err(format!("{describe}: cannot start its interrupt thread: {e}"))
+            }
+        }
     }
 }
 
@@ -666,5 +844,123 @@ mod tests {
         wait_until("the event again", || seen.events.load(Ordering::SeqCst) > events);
         seen.wanted.store(false, Ordering::SeqCst);
         drop(core);
+    }
+
+    /// What the external-queue device was handed.
+    #[derive(Default)]
+    struct Handed {
+        setups: Mutex<Vec<QueueSetup>>,
+        features: Mutex<u64>,
+        kicks: Mutex<Vec<EventFd>>,
+        calls: Mutex<Vec<EventFd>>,
+        deactivated: AtomicUsize,
+    }
+
+    /// A device that runs its queues elsewhere: it keeps what DRIVER_OK hands it.
+    struct ExternalDevice(Arc<Handed>);
+
+    impl VirtioDevice for ExternalDevice {
+        fn device_type(&self) -> u32 {
+            2
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 16]
+        }
+        fn features(&self) -> u64 {
+            VIRTIO_F_VERSION_1
+        }
+        fn process_queue(
+            &mut self,
+            _mem: &GuestMemoryMmap,
+            _index: u16,
+            _queue: &mut Queue,
+        ) -> Result<bool, DeviceError> {
+            panic!("the transport served a queue that runs elsewhere");
+        }
+        fn external_queues(&mut self) -> Option<&mut dyn crate::ExternalQueues> {
+            Some(self)
+        }
+    }
+
+    impl crate::ExternalQueues for ExternalDevice {
+        fn activate(
+            &mut self,
+            _mem: &GuestMemoryMmap,
+            features: u64,
+            queues: &[QueueSetup],
+            kicks: &[EventFd],
+            calls: &[EventFd],
+        ) -> Result<(), String> {
+            *lock(&self.0.features) = features;
+            *lock(&self.0.setups) = queues.to_vec();
+            *lock(&self.0.kicks) = kicks.iter().map(|k| k.try_clone().unwrap()).collect();
+            *lock(&self.0.calls) = calls.iter().map(|c| c.try_clone().unwrap()).collect();
+            Ok(())
+        }
+        fn deactivate(&mut self) {
+            self.0.deactivated.fetch_add(1, Ordering::SeqCst);
+        }
+        fn hangup_fd(&self) -> Option<std::os::fd::RawFd> {
+            None
+        }
+        fn describe(&self) -> String {
+            "test backend".into()
+        }
+    }
+
+    #[derive(Default)]
+    struct CountInterrupts(Mutex<Vec<u16>>);
+    impl Interrupt for CountInterrupts {
+        fn queue(&self, index: u16) {
+            lock(&self.0).push(index);
+        }
+        fn config(&self) {}
+    }
+
+    /// DRIVER_OK hands the enabled queues (only those) with their rings and position, the
+    /// driver's features, a kick eventfd registered at the queue's address and a call eventfd
+    /// that becomes the queue's interrupt; nothing is served in the VMM; a reset stops the
+    /// rings first.
+    #[test]
+    fn a_device_with_external_queues_gets_rings_and_eventfds() {
+        let handed = Arc::new(Handed::default());
+        let interrupts = Arc::new(CountInterrupts::default());
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mut core =
+            VirtioCore::new(Box::new(ExternalDevice(handed.clone())), mem, interrupts.clone());
+        let registrar = Arc::new(Registrar::default());
+        core.set_notifier(registrar.clone(), vec![(0x1000, None), (0x1004, None)]);
+        negotiate(&mut core, 1, 0);
+        core.queue_select = 1;
+        core.set_queue_size(8);
+        for (which, addr) in [(0u8, 0x1000u32), (1, 0x2000), (2, 0x3000)] {
+            core.set_queue_address(which, Some(addr), Some(0));
+        }
+        core.set_queue_ready(true);
+        core.set_status(core.status() | status::DRIVER_OK);
+        assert_eq!(core.status() & status::DEVICE_NEEDS_RESET, 0);
+        assert_eq!(*lock(&handed.features), VIRTIO_F_VERSION_1);
+        let setup = QueueSetup {
+            index: 1,
+            size: 8,
+            desc: 0x1000,
+            avail: 0x2000,
+            used: 0x3000,
+            next_avail: 0,
+        };
+        assert_eq!(*lock(&handed.setups), vec![setup]);
+        // The registrar kept the last eventfd registered: queue 1's kick.
+        lock(&registrar.0).as_ref().expect("a kick eventfd").write(1).unwrap();
+        assert_eq!(lock(&handed.kicks)[0].read().unwrap(), 1, "the kick is the ioeventfd");
+        // A notification through the registers goes to the kick too.
+        core.notify(1);
+        assert_eq!(lock(&handed.kicks)[0].read().unwrap(), 1);
+        lock(&handed.calls)[0].write(1).unwrap();
+        wait_until("the queue's interrupt", || !lock(&interrupts.0).is_empty());
+        assert_eq!(*lock(&interrupts.0), vec![1]);
+        assert_eq!(handed.deactivated.load(Ordering::SeqCst), 0);
+        core.set_status(0);
+        assert_eq!(handed.deactivated.load(Ordering::SeqCst), 1);
+        assert_eq!(core.status(), 0);
     }
 }

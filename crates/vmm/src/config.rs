@@ -121,6 +121,10 @@ pub struct DiskConfig {
     pub rate_limit: Option<rate_limiter::RateLimiterConfig>,
     /// Open the image with `O_DIRECT`, bypassing the host's page cache.
     pub direct: bool,
+    /// Served by an external vhost-user-blk backend listening on this socket instead (then
+    /// `path` is empty and the other options are the backend's business). Guest memory is then
+    /// shared (memfd) so that the backend can map it.
+    pub vhost_user: Option<PathBuf>,
 }
 
 /// One virtio-net device on a TAP.

@@ -212,6 +212,9 @@ pub enum VmmError {
     /// A disk cannot be attached.
     #[error("cannot attach disk")]
     Disk(#[from] virtio_devices::block::BlockError),
+    /// A vhost-user disk cannot be attached.
+    #[error("cannot attach vhost-user disk")]
+    VhostUserDisk(#[from] virtio_devices::vhost_user_blk::VhostUserBlkError),
     /// A network device cannot be attached.
     #[error("cannot attach network device")]
     Net(#[from] virtio_devices::net::NetError),

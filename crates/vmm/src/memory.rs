@@ -1,5 +1,5 @@
-//! Guest memory: anonymous mappings laid out by `arch::boot::ram_ranges`, registered with KVM
-//! as one memory slot per range.
+//! Guest memory: anonymous mappings (memfds when a vhost-user backend shares them) laid out by
+//! `arch::boot::ram_ranges`, registered with KVM as one memory slot per range.
 
 use crate::error::VmmError;
 use kvm_bindings::kvm_userspace_memory_region;
@@ -8,11 +8,37 @@ use vm_memory::{
     Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
 };
 
+/// A memfd of `len` bytes (hugetlbfs pages with `hugepages`) for one range of shared guest
+/// memory.
+fn guest_memfd(len: u64, hugepages: bool) -> std::io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    let mut flags = libc::MFD_CLOEXEC;
+    if hugepages {
+        flags |= libc::MFD_HUGETLB;
+    }
+    // SAFETY: the name is a NUL-terminated literal; the call has no other inputs.
+    let fd = unsafe { libc::memfd_create(c"vanguard-guest-ram".as_ptr(), flags) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(len)?;
+    Ok(file)
+}
+
 /// Maps guest memory. Without `hugepages`, the mapping asks for transparent huge pages:
 /// touching guest memory then costs one fault per 2 MiB instead of per 4 KiB, which matters
 /// most where each fault is emulated (PVM hosts). With `hugepages`, memory comes from
-/// hugetlbfs and must have been reserved by the administrator.
-pub fn create_guest_memory(size: u64, hugepages: bool) -> Result<GuestMemoryMmap, VmmError> {
+/// hugetlbfs and must have been reserved by the administrator. With `shared` (a vhost-user
+/// backend will map it), each range is a memfd mapped MAP_SHARED whose descriptor the regions
+/// keep (`file_offset`); THP then depends on the host's shmem setting
+/// (/sys/kernel/mm/transparent_hugepage/shmem_enabled: `advise` honours the same madvise).
+pub fn create_guest_memory(
+    size: u64,
+    hugepages: bool,
+    shared: bool,
+) -> Result<GuestMemoryMmap, VmmError> {
     let mut regions = Vec::new();
     for (start, len) in arch::boot::ram_ranges(size)? {
         let len_usize = usize::try_from(len).map_err(|_| VmmError::MemoryAlloc {
@@ -27,7 +53,22 @@ pub fn create_guest_memory(size: u64, hugepages: bool) -> Result<GuestMemoryMmap
         } else {
             libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE
         };
-        let mapping = MmapRegion::build(None, len_usize, libc::PROT_READ | libc::PROT_WRITE, flags)
+        let (file, flags) = if shared {
+            let file = guest_memfd(len, hugepages).map_err(|source| VmmError::MemoryAlloc {
+                size: len,
+                hint: if hugepages {
+                    " as a hugetlbfs memfd (are enough 2 MiB pages reserved?)"
+                } else {
+                    " as a memfd (shared with vhost-user backends)"
+                },
+                source,
+            })?;
+            // Hugetlb pages are reserved when the memfd is mapped, as above.
+            (Some(vm_memory::FileOffset::new(file, 0)), libc::MAP_SHARED)
+        } else {
+            (None, flags)
+        };
+        let mapping = MmapRegion::build(file, len_usize, libc::PROT_READ | libc::PROT_WRITE, flags)
             .map_err(|e| VmmError::MemoryAlloc {
                 size: len,
                 hint: if hugepages {
