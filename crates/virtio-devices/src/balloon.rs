@@ -25,7 +25,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 /// The virtio device ID of a memory balloon.
@@ -172,6 +172,23 @@ impl Balloon {
         };
         if (last as usize).wrapping_sub(start as usize) != size - 1 {
             return false;
+        }
+        // Shared guest memory (a memfd, when a vhost-user backend maps it too): dropping the
+        // mapping would leave the pages in the file, so punch them out of the file first.
+        if let Some((region, offset)) = mem.to_region_addr(GuestAddress(gpa)) {
+            if let Some(file) = region.file_offset() {
+                let Some(at) = file.start().checked_add(offset.0) else { return false };
+                let (Ok(at), Ok(length)) = (libc::off_t::try_from(at), libc::off_t::try_from(len))
+                else {
+                    return false;
+                };
+                let flags = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                // SAFETY: fallocate on the region's own descriptor, within the range that
+                // backs the guest pages just checked; it frees only those pages.
+                if unsafe { libc::fallocate(file.file().as_raw_fd(), flags, at, length) } != 0 {
+                    return false;
+                }
+            }
         }
         // SAFETY: [start, start + len) is guest memory this process mapped (checked above to
         // be one contiguous range of one region); MADV_DONTNEED only drops its contents,
@@ -514,5 +531,44 @@ mod tests {
         mem.read_slice(&mut page, GuestAddress(0x40_0000)).unwrap();
         assert!(page.iter().all(|b| *b == 0));
         assert_eq!(b.handle().counters(), (0, 0, 8192, 1));
+    }
+
+    #[test]
+    fn inflating_shared_memory_frees_the_file_pages_too() {
+        // Guest memory in a memfd, as when a vhost-user backend shares it.
+        // SAFETY: memfd_create with a valid C string; the descriptor is owned below.
+        let fd = unsafe { libc::memfd_create(c"balloon-test".as_ptr(), 0) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        file.set_len(MEM).unwrap();
+        let region = vm_memory::GuestRegionMmap::from_range(
+            GuestAddress(0),
+            MEM as usize,
+            Some(vm_memory::FileOffset::new(file.try_clone().unwrap(), 0)),
+        )
+        .unwrap();
+        let mem = GuestMemoryMmap::from_regions(vec![region]).unwrap();
+        mem.write_slice(&[0xaa; 0x10_0000], GuestAddress(0x20_0000)).unwrap();
+        let blocks = |f: &std::fs::File| {
+            use std::os::unix::fs::MetadataExt;
+            f.metadata().unwrap().blocks()
+        };
+        let before = blocks(&file);
+        let vq = MockSplitQueue::new(&mem, 16);
+        let pfns: Vec<u32> = (0x200..0x300).collect();
+        post_pfns(&mem, &vq, &pfns);
+        let mut q: Queue = vq.create_queue().unwrap();
+        let mut b = Balloon::new(0, false).unwrap();
+        assert!(b.process_queue(&mem, INFLATE, &mut q).unwrap());
+        assert_eq!(b.handle().counters().0, 256);
+        let after = blocks(&file);
+        assert!(
+            before >= after + 2000,
+            "the memfd should shrink by about 1 MiB: {before} -> {after} 512-byte blocks"
+        );
+        let mut page = [0xffu8; 4096];
+        mem.read_slice(&mut page, GuestAddress(0x20_0000)).unwrap();
+        assert!(page.iter().all(|b| *b == 0));
     }
 }
