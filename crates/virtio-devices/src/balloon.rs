@@ -342,11 +342,7 @@ impl VirtioDevice for Balloon {
             .copy_from_slice(&self.shared.target_pages.load(Ordering::Acquire).to_le_bytes());
         config[4..8]
             .copy_from_slice(&self.shared.actual_pages.load(Ordering::Acquire).to_le_bytes());
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        match config.get(start..start.saturating_add(data.len())) {
-            Some(src) => data.copy_from_slice(src),
-            None => data.fill(0),
-        }
+        crate::read_config_bytes(&config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

@@ -166,6 +166,17 @@ pub trait ExternalQueues {
     fn describe(&self) -> String;
 }
 
+/// Reads `data.len()` bytes of a device's configuration space `config` at `offset`; bytes
+/// past the end of `config` read as zero, as do reads at offsets beyond it.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else { return };
+    if let Some(src) = config.get(start..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
 /// Serves every chain available on `queue`: `serve` handles one and returns the length it
 /// wrote to the chain's device-writable buffers, which goes back to the driver in the used
 /// ring; `None` leaves the chain on the ring for later and stops (a rate limiter said wait).

@@ -603,12 +603,7 @@ impl VirtioDevice for Net {
         config[..6].copy_from_slice(&self.mac);
         config[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
         config[8..10].copy_from_slice(&1u16.to_le_bytes());
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else { return };
-        if let Some(src) = config.get(start..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        crate::read_config_bytes(&config, offset, data);
     }
 
     fn process_queue(

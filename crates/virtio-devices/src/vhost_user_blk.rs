@@ -215,12 +215,7 @@ impl VirtioDevice for VhostUserBlk {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else { return };
-        if let Some(src) = self.config.get(start..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        crate::read_config_bytes(&self.config, offset, data);
     }
 
     fn process_queue(

@@ -1015,12 +1015,7 @@ impl VirtioDevice for Vsock {
     /// guest_cid (u64).
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let config = self.cid.to_le_bytes();
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else { return };
-        if let Some(src) = config.get(start..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        crate::read_config_bytes(&config, offset, data);
     }
 
     fn process_queue(
