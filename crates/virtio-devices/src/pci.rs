@@ -95,11 +95,12 @@ impl Interrupt for PciInterrupt {
             .queue_vectors
             .get(usize::from(index))
             .map_or(NO_VECTOR, |v| v.load(Ordering::Acquire));
-        if self.msix.enabled() {
-            if vector != NO_VECTOR {
-                self.msix.trigger(vector);
-            }
-        } else {
+        // One lock of the MSI-X state on the usual path: `trigger` answers false only when
+        // MSI-X is off (vectors are checked when the driver assigns them).
+        if vector != NO_VECTOR && self.msix.trigger(vector) {
+            return;
+        }
+        if !self.msix.enabled() {
             self.isr.fetch_or(ISR_QUEUE, Ordering::AcqRel);
         }
     }
