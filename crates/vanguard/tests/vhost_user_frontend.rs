@@ -136,13 +136,7 @@ fn read_and_write_through(start: StartBackend, transport: &str, dir: &common::Te
         out.assert_clean_exit();
         out.assert_line("disk0 write: wrote, flushed and verified 300 KiB: ok");
     }
-    let written = std::fs::read(&image).unwrap();
-    let split = 300 << 10;
-    // The pattern of docs/test-guest.md: byte at offset o is (o ^ (o >> 9) ^ 0xa5) as u8.
-    for (o, b) in written[..split].iter().enumerate() {
-        assert_eq!(*b, (o ^ (o >> 9) ^ 0xa5).to_le_bytes()[0], "byte {o} of the written disk");
-    }
-    assert!(written[split..] == original[split..], "bytes past the write changed");
+    common::assert_diskwrite_pattern(&image, &original, 300 << 10);
 }
 
 #[test]

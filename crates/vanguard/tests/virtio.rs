@@ -130,13 +130,7 @@ fn disk_writes_land_in_the_image_and_read_only_holds() {
     out.assert_clean_exit();
     out.assert_line("disk0 write: wrote, flushed and verified 300 KiB: ok");
     out.assert_line("disk1 write: refused, the disk is read-only: ok");
-    let written = std::fs::read(&rw).unwrap();
-    let split = 300 << 10;
-    // The pattern of docs/test-guest.md: byte at offset o is (o ^ (o >> 9) ^ 0xa5) as u8.
-    for (o, b) in written[..split].iter().enumerate() {
-        assert_eq!(*b, (o ^ (o >> 9) ^ 0xa5).to_le_bytes()[0], "byte {o} of the written disk");
-    }
-    assert!(written[split..] == original[split..], "bytes past the write changed");
+    common::assert_diskwrite_pattern(&rw, &original, 300 << 10);
     assert!(std::fs::read(&ro).unwrap() == original, "the read-only image changed");
 }
 
@@ -270,12 +264,7 @@ fn direct_io_disks_read_and_write_like_buffered_ones() {
     out.assert_clean_exit();
     out.assert_line("disk0 write: wrote, flushed and verified 300 KiB: ok");
     out.assert_line("disk1 write: refused, the disk is read-only: ok");
-    let written = std::fs::read(&rw).unwrap();
-    let split = 300 << 10;
-    for (o, b) in written[..split].iter().enumerate() {
-        assert_eq!(*b, (o ^ (o >> 9) ^ 0xa5).to_le_bytes()[0], "byte {o} of the written disk");
-    }
-    assert!(written[split..] == original[split..], "bytes past the write changed");
+    common::assert_diskwrite_pattern(&rw, &original, 300 << 10);
     assert!(std::fs::read(&ro).unwrap() == original, "the read-only image changed");
 }
 

@@ -516,3 +516,14 @@ pub fn image(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Checks what the guest's `diskwrite=<len>` scenario left in `path`: the pattern of
+/// docs/test-guest.md (byte at offset o is `(o ^ (o >> 9) ^ 0xa5) as u8`) over the first `len`
+/// bytes, and every later byte as in `original`.
+pub fn assert_diskwrite_pattern(path: &Path, original: &[u8], len: usize) {
+    let written = std::fs::read(path).unwrap();
+    for (o, b) in written[..len].iter().enumerate() {
+        assert_eq!(*b, (o ^ (o >> 9) ^ 0xa5).to_le_bytes()[0], "byte {o} of the written disk");
+    }
+    assert!(written[len..] == original[len..], "bytes past the write changed");
+}
