@@ -540,9 +540,48 @@ blk_scenario() {
   say "blk end"
 }
 
+# vanguard.test=net: the first network interface as Linux's virtio_net driver sees it, talking
+# to the host over the TAP behind it (docs/linux-guest.md). vanguard.net=GUEST_IP,HOST_IP,PORT:
+# the guest takes GUEST_IP/24, pings HOST_IP, sends 4 MiB of random bytes to HOST_IP:PORT over
+# TCP (the host answers with the md5 it computed, then closes), then listens on PORT+1 for the
+# host's bytes until the host closes.
+net_scenario() {
+  dmesg -n 1
+  say "net begin"
+  IFS=, read -r gip hip port <<EOF_NET
+$(param vanguard.net)
+EOF_NET
+  ifc=""
+  for d in /sys/class/net/*; do
+    [ "${d##*/}" = lo ] || { ifc="${d##*/}"; break; }
+  done
+  if [ -z "$ifc" ] || [ -z "$gip" ] || [ -z "$hip" ] || [ -z "$port" ]; then
+    say "net failed: no interface (${ifc:-none}) or no vanguard.net=GUEST_IP,HOST_IP,PORT"
+    say "net end"
+    return
+  fi
+  ip link set lo up
+  ip addr add "$gip/24" dev "$ifc"
+  ip link set "$ifc" up
+  say "net if=$ifc mac=$(cat /sys/class/net/$ifc/address)" \
+    "features=$(cat /sys/class/net/$ifc/device/features)"
+  r=failed
+  ping -c 3 -W 5 "$hip" >/dev/null 2>&1 && r=ok
+  say "net ping host=$hip result=$r"
+  dd if=/dev/urandom of=/tmp/out bs=65536 count=64 2>/dev/null
+  say "net send bytes=$(wc -c </tmp/out) md5=$(md5 </tmp/out)"
+  reply="$(nc "$hip" "$port" </tmp/out)"
+  say "net send host_md5=${reply:-none}"
+  say "net listen port=$((port + 1))"
+  nc -l -p "$((port + 1))" >/tmp/in
+  say "net recv bytes=$(wc -c </tmp/in) md5=$(md5 </tmp/in)"
+  say "net end"
+}
+
 # Scenarios: vanguard.test=NAME; other values (vanguard.test=1) run none.
 case "$(param vanguard.test)" in
   blk) blk_scenario ;;
+  net) net_scenario ;;
 esac
 
 case "$CMDLINE" in

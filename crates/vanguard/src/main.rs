@@ -37,6 +37,24 @@ enum Command {
 enum VhostUserCommand {
     /// A virtio-blk disk on a raw image (vhost-user-blk); serves one frontend, then exits.
     Blk(VhostUserBlkArgs),
+    /// A virtio-net card on a TAP device (vhost-user-net); serves one frontend, then exits.
+    Net(VhostUserNetArgs),
+}
+
+#[derive(clap::Args)]
+struct VhostUserNetArgs {
+    /// The Unix socket to listen on; a stale socket there is replaced, anything else refused.
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// The TAP device; created (for as long as the backend runs) if no interface has that
+    /// name, which needs CAP_NET_ADMIN.
+    #[arg(long, value_name = "NAME", value_parser = parse_tap_name)]
+    tap: String,
+}
+
+fn parse_tap_name(s: &str) -> Result<String, String> {
+    vmm::validate_tap_name(s).map_err(|e| e.to_string())?;
+    Ok(s.to_string())
 }
 
 #[derive(clap::Args)]
@@ -389,7 +407,22 @@ fn vhost_user_blk(args: VhostUserBlkArgs) -> ExitCode {
         queues: args.queues,
     };
     let log = |line: &str| println!("vanguard: vhost-user blk: {line}");
-    match vhost_user_backends::serve_blk(&options, log) {
+    vhost_user_exit(vhost_user_backends::serve_blk(&options, log), log)
+}
+
+/// `vanguard vhost-user net`: likewise.
+fn vhost_user_net(args: VhostUserNetArgs) -> ExitCode {
+    let options = vhost_user_backends::NetOptions { socket: args.socket, tap: args.tap };
+    let log = |line: &str| println!("vanguard: vhost-user net: {line}");
+    vhost_user_exit(vhost_user_backends::serve_net(&options, log), log)
+}
+
+/// A vhost-user daemon's exit status: 0 when its frontend disconnected or on SIGTERM/SIGINT.
+fn vhost_user_exit(
+    result: Result<vhost_user_backends::End, vhost_user_backends::Error>,
+    log: fn(&str),
+) -> ExitCode {
+    match result {
         Ok(vhost_user_backends::End::Disconnected) => {
             log("frontend disconnected; exiting");
             ExitCode::SUCCESS
@@ -419,6 +452,7 @@ fn main() -> ExitCode {
             }
         },
         Command::VhostUser(VhostUserCommand::Blk(args)) => vhost_user_blk(args),
+        Command::VhostUser(VhostUserCommand::Net(args)) => vhost_user_net(args),
         Command::Bench(which) => match bench::run(which) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -5,8 +5,10 @@
 //! memory with it as file descriptors and hands over each queue's rings and eventfds on a Unix
 //! socket; the backend then reads and writes guest memory and interrupts the guest itself.
 //!
-//! [`blk`] serves [`virtio_devices::block::Block`], the virtio-blk model of `vanguard run`;
-//! [`serve_blk`] is the daemon behind `vanguard vhost-user blk` (see `docs/virtio.md`).
+//! [`blk`] serves [`virtio_devices::block::Block`], the virtio-blk model of `vanguard run`, and
+//! [`net`] serves [`virtio_devices::net::Net`], its virtio-net model on a TAP; [`serve_blk`] and
+//! [`serve_net`] are the daemons behind `vanguard vhost-user blk` and `vanguard vhost-user net`
+//! (see `docs/virtio.md`).
 //!
 //! One frontend per run: the daemon listens on its socket, serves the first frontend that
 //! speaks vhost-user, and returns when that frontend disconnects. A connection that closes
@@ -14,18 +16,23 @@
 //! in use) does not count: the daemon waits for the next one.
 
 pub mod blk;
+pub mod net;
+mod relay;
 
-use blk::{BlkBackend, GuestMemory};
+use blk::{BlkBackend, GuestMemory, Vring};
+use net::NetBackend;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vhost_user_backend::{ShutdownHandle, VhostUserBackendMut, VhostUserDaemon};
 use virtio_devices::block::{Block, BlockError};
+use virtio_devices::net::{Net, NetError};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 /// What `vanguard vhost-user blk` serves, and where.
@@ -45,7 +52,16 @@ pub struct BlkOptions {
     pub queues: u16,
 }
 
-/// Why [`serve_blk`] returned without an error.
+/// What `vanguard vhost-user net` serves, and where.
+#[derive(Debug, Clone)]
+pub struct NetOptions {
+    /// The Unix socket to listen on (created; a stale socket there is replaced).
+    pub socket: PathBuf,
+    /// The TAP device: attached to if it exists, created (for the daemon's life) if not.
+    pub tap: String,
+}
+
+/// Why [`serve_blk`] or [`serve_net`] returned without an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum End {
     /// The frontend disconnected (the VM ended, or its VMM let the device go).
@@ -60,6 +76,9 @@ pub enum Error {
     /// The disk cannot be opened.
     #[error(transparent)]
     Disk(#[from] BlockError),
+    /// The TAP cannot be opened or created.
+    #[error(transparent)]
+    Net(#[from] NetError),
     /// Another process accepts connections on the socket.
     #[error("socket {path} is in use: another process accepts connections on it")]
     SocketInUse {
@@ -182,11 +201,47 @@ fn handle_signals(stop: Arc<Mutex<Stop>>, wake: EventFd, log: fn(&str)) -> Resul
     Ok(())
 }
 
+/// What the daemon loop needs of a backend besides vhost-user itself.
+trait Served: VhostUserBackendMut<Bitmap = (), Vring = Vring> + 'static {
+    /// Whether a frontend has spoken vhost-user since the last `clear_contact`.
+    fn contacted(&self) -> bool;
+    /// Forgets that a frontend has spoken (before accepting the next connection).
+    fn clear_contact(&self);
+    /// The backend's own descriptors for the worker's epoll: (fd, events, event ID).
+    fn listeners(&self) -> Vec<(RawFd, EventSet, u64)> {
+        Vec::new()
+    }
+    /// Whether the frontend's messages go through a [`relay::Relay`] (QEMU's virtio-net).
+    const RELAY: bool = false;
+}
+
+impl Served for BlkBackend {
+    fn contacted(&self) -> bool {
+        BlkBackend::contacted(self)
+    }
+    fn clear_contact(&self) {
+        BlkBackend::clear_contact(self);
+    }
+}
+
+impl Served for NetBackend {
+    fn contacted(&self) -> bool {
+        NetBackend::contacted(self)
+    }
+    fn clear_contact(&self) {
+        NetBackend::clear_contact(self);
+    }
+    fn listeners(&self) -> Vec<(RawFd, EventSet, u64)> {
+        NetBackend::listeners(self)
+    }
+    const RELAY: bool = true;
+}
+
 /// The daemon, which stops its worker threads when dropped: the library's own drop waits for
 /// them to end, and they end only when told to.
-struct StoppingDaemon(VhostUserDaemon<Arc<RwLock<BlkBackend>>>);
+struct StoppingDaemon<B: Served>(VhostUserDaemon<Arc<RwLock<B>>>);
 
-impl Drop for StoppingDaemon {
+impl<B: Served> Drop for StoppingDaemon<B> {
     fn drop(&mut self) {
         for handler in self.0.get_epoll_handlers() {
             handler.send_exit_event();
@@ -220,6 +275,30 @@ fn wait_for_connection(listener: &Listener, wake: &EventFd) -> io::Result<bool> 
     }
 }
 
+/// Accepts the frontend here and starts the daemon on a private socket behind a
+/// [`relay::Relay`] (see there for why).
+fn start_relayed<B: Served>(
+    daemon: &mut VhostUserDaemon<Arc<RwLock<B>>>,
+    listener: &Listener,
+    log: fn(&str),
+) -> io::Result<relay::Relay> {
+    use std::os::linux::net::SocketAddrExt;
+    let frontend = listener
+        .accept()
+        .map_err(|e| io::Error::other(e.to_string()))?
+        .ok_or_else(|| io::Error::from(io::ErrorKind::WouldBlock))?;
+    // An abstract socket: no file to clean up, and only this process knows the name.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!("vanguard-vhost-user-relay-{}-{n}", std::process::id());
+    let address = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+    let inner = UnixListener::bind_addr(&address)?;
+    // Connected before the daemon accepts: the connection waits in the backlog.
+    let backend = UnixStream::connect_addr(&address)?;
+    daemon.start(&mut Listener::from(inner)).map_err(|e| io::Error::other(e.to_string()))?;
+    relay::Relay::start(frontend, backend, log)
+}
+
 /// Whether the library's result is a frontend going away (the normal end of a connection).
 fn is_disconnect(e: &vhost_user_backend::Error) -> bool {
     matches!(
@@ -244,44 +323,79 @@ pub fn serve_blk(options: &BlkOptions, log: fn(&str)) -> Result<End, Error> {
     if options.direct {
         block = block.with_direct_io()?;
     }
-    let sectors = block.capacity_sectors();
+    let what = format!(
+        "{}, {} sectors, {}{}, {} queue{}",
+        options.image.display(),
+        block.capacity_sectors(),
+        if options.read_only { "read-only" } else { "read-write" },
+        if options.direct { ", O_DIRECT" } else { "" },
+        options.queues,
+        if options.queues == 1 { "" } else { "s" },
+    );
+    let mem: GuestMemory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let backend = BlkBackend::new(block, options.queues, mem.clone()).with_reporter(log);
+    serve("vhost-user-blk", &options.socket, backend, mem, &what, log)
+}
 
+/// Opens (or creates) the TAP, listens on the socket and serves one frontend, like
+/// [`serve_blk`] (signals, logging and the socket file alike).
+pub fn serve_net(options: &NetOptions, log: fn(&str)) -> Result<End, Error> {
+    // The MAC address is the frontend's (its configuration space); the model's is not used.
+    let net = Net::open(&options.tap, [0x52, 0x54, 0, 0, 0, 1])?;
+    let what = format!("TAP {}, 1 queue pair", options.tap);
+    let mem: GuestMemory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let backend = NetBackend::new(net, mem.clone()).with_reporter(log);
+    serve("vhost-user-net", &options.socket, backend, mem, &what, log)
+}
+
+/// The daemon loop shared by the backends: signals, the socket, one frontend.
+fn serve<B: Served>(
+    name: &str,
+    socket: &Path,
+    backend: B,
+    mem: GuestMemory,
+    what: &str,
+    log: fn(&str),
+) -> Result<End, Error> {
     let stop = Arc::new(Mutex::new(Stop::default()));
     let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Signals)?;
     let signal_wake = wake.try_clone().map_err(Error::Signals)?;
     // Before any thread is started, so that every thread has the signals blocked.
     handle_signals(stop.clone(), signal_wake, log)?;
 
-    prepare_socket(&options.socket)?;
-    let socket_err = |source| Error::Socket { path: options.socket.clone(), source };
-    let listener = UnixListener::bind(&options.socket).map_err(socket_err)?;
-    let _socket_file = SocketFile(options.socket.clone());
+    prepare_socket(socket)?;
+    let socket_err = |source| Error::Socket { path: socket.to_path_buf(), source };
+    let listener = UnixListener::bind(socket).map_err(socket_err)?;
+    let _socket_file = SocketFile(socket.to_path_buf());
     let mut listener = Listener::from(listener);
 
-    let mem: GuestMemory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let backend = BlkBackend::new(block, options.queues, mem.clone()).with_reporter(log).shared();
+    let listeners = backend.listeners();
+    let backend = Arc::new(RwLock::new(backend));
     let mut stopping = StoppingDaemon(
-        VhostUserDaemon::new("vhost-user-blk".into(), backend.clone(), mem)
+        VhostUserDaemon::new(name.into(), backend.clone(), mem)
             .map_err(|e| Error::VhostUser(e.to_string()))?,
     );
     let daemon = &mut stopping.0;
+    if let Some(handler) = daemon.get_epoll_handlers().first() {
+        for (fd, events, id) in listeners {
+            handler
+                .register_listener(fd, events, id)
+                .map_err(|e| Error::VhostUser(format!("cannot wait on the device: {e}")))?;
+        }
+    }
 
-    log(&format!(
-        "listening on {} ({}, {} sectors, {}{}, {} queue{})",
-        options.socket.display(),
-        options.image.display(),
-        sectors,
-        if options.read_only { "read-only" } else { "read-write" },
-        if options.direct { ", O_DIRECT" } else { "" },
-        options.queues,
-        if options.queues == 1 { "" } else { "s" },
-    ));
+    log(&format!("listening on {} ({what})", socket.display()));
     let result = loop {
         if !wait_for_connection(&listener, &wake).map_err(socket_err)? {
             break Ok(());
         }
         backend.read().unwrap_or_else(PoisonError::into_inner).clear_contact();
-        daemon.start(&mut listener).map_err(|e| Error::VhostUser(e.to_string()))?;
+        let _relay = if B::RELAY {
+            Some(start_relayed(daemon, &listener, log).map_err(socket_err)?)
+        } else {
+            daemon.start(&mut listener).map_err(|e| Error::VhostUser(e.to_string()))?;
+            None
+        };
         log("frontend connected");
         {
             let mut state = lock(&stop);

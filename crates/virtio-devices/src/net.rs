@@ -570,11 +570,15 @@ fn consume(limiter: &mut RateLimiter, bytes: u64) -> bool {
         })
 }
 
-/// Which of [`Net`]'s event descriptors is which.
-const EVENT_TAP: usize = 0;
-const EVENT_RX_LIMITER: usize = 1;
-const EVENT_TX_LIMITER: usize = 2;
-const EVENT_KICK: usize = 3;
+/// Which of [`Net`]'s event descriptors ([`VirtioDevice::event_fds`]) is which: the TAP
+/// (readable: frames to receive).
+pub const EVENT_TAP: usize = 0;
+/// The receive rate limiter's timer.
+pub const EVENT_RX_LIMITER: usize = 1;
+/// The transmit rate limiter's timer.
+pub const EVENT_TX_LIMITER: usize = 2;
+/// The device's own eventfd: a receive pass stopped at its batch and wants to go on.
+pub const EVENT_KICK: usize = 3;
 
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
