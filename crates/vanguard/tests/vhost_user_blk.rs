@@ -12,127 +12,17 @@
 
 mod common;
 
+use common::linux_qemu::{
+    feature, linux_guest, run_qemu, tool_available, LinuxGuest, Proc, BACKEND_TIMEOUT, INIT,
+};
+
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
-
-/// How long QEMU may take to boot Linux, run the scenario and power off (about 10 s here).
-const QEMU_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long a backend may take to start listening, or to exit once told to.
-const BACKEND_TIMEOUT: Duration = Duration::from_secs(20);
-const INIT: &str = "VANGUARD-LINUX-INIT: ";
-
-/// A child process whose stdout and stderr are collected together; killed when dropped.
-struct Proc {
-    what: String,
-    child: Child,
-    output: Arc<Mutex<Vec<u8>>>,
-    readers: Vec<JoinHandle<()>>,
-    status: Option<ExitStatus>,
-}
-
-impl Proc {
-    fn spawn(what: &str, cmd: &mut Command) -> Proc {
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-        let output = Arc::new(Mutex::new(Vec::new()));
-        let mut readers = Vec::new();
-        let pipes: [Box<dyn Read + Send>; 2] = [
-            Box::new(child.stdout.take().expect("piped stdout")),
-            Box::new(child.stderr.take().expect("piped stderr")),
-        ];
-        for mut pipe in pipes {
-            let into = output.clone();
-            readers.push(std::thread::spawn(move || {
-                let mut buf = [0u8; 8192];
-                while let Ok(n @ 1..) = pipe.read(&mut buf) {
-                    into.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(&buf[..n]);
-                }
-            }));
-        }
-        Proc { what: what.to_string(), child, output, readers, status: None }
-    }
-
-    fn output(&self) -> String {
-        String::from_utf8_lossy(&self.output.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
-    }
-
-    /// Waits until the output contains `needle`; false if the process ends or time runs out.
-    fn wait_for_output(&mut self, needle: &str, timeout: Duration) -> bool {
-        let start = Instant::now();
-        while start.elapsed() < timeout {
-            if self.output().contains(needle) {
-                return true;
-            }
-            if self.try_status().is_some() {
-                self.join_readers();
-                return self.output().contains(needle);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        false
-    }
-
-    fn try_status(&mut self) -> Option<ExitStatus> {
-        if self.status.is_none() {
-            self.status = self.child.try_wait().ok().flatten();
-        }
-        self.status
-    }
-
-    /// Waits for the process to end by itself; None (and the process killed) after `timeout`.
-    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let start = Instant::now();
-        while start.elapsed() < timeout {
-            if let Some(status) = self.try_status() {
-                self.join_readers();
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        self.kill();
-        None
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
-        // SAFETY: kill has no memory-safety preconditions; the child is not reaped before
-        // `wait_exit` or `kill`, so the pid still names it.
-        let rc = unsafe { libc::kill(pid, signal) };
-        assert_eq!(rc, 0, "kill({pid}, {signal}): {}", std::io::Error::last_os_error());
-    }
-
-    fn kill(&mut self) {
-        if self.try_status().is_none() {
-            let _ = self.child.kill();
-            self.status = self.child.wait().ok();
-        }
-        self.join_readers();
-    }
-
-    fn join_readers(&mut self) {
-        for r in self.readers.drain(..) {
-            let _ = r.join();
-        }
-    }
-
-    fn report(&self) -> String {
-        format!("--- {} ({:?}) ---\n{}", self.what, self.status, self.output())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+use std::path::Path;
+use std::process::{Command, ExitStatus};
 
 /// `vanguard vhost-user blk ARGS`.
 fn backend<S: AsRef<OsStr>>(args: &[S]) -> Proc {
@@ -156,65 +46,6 @@ fn listening_backend(socket: &Path, image: &Path, extra: &[&str]) -> Proc {
     );
     assert!(socket.exists(), "no socket at {}\n{}", socket.display(), proc.report());
     proc
-}
-
-/// Skips (prints why, returns false) or fails under `VANGUARD_REQUIRE_TOOLS=1`.
-fn tool_available(program: &str, arg: &str, package: &str) -> bool {
-    if Command::new(program).arg(arg).output().is_ok() {
-        return true;
-    }
-    let why = format!("{program} not found (Debian package {package})");
-    if common::env_flag("VANGUARD_REQUIRE_TOOLS") {
-        panic!("{why}; VANGUARD_REQUIRE_TOOLS=1 makes that a failure");
-    }
-    println!("skipping: {why} (set VANGUARD_REQUIRE_TOOLS=1 to make this a failure)");
-    false
-}
-
-struct LinuxGuest {
-    vmlinuz: PathBuf,
-    initramfs: PathBuf,
-}
-
-/// The Linux guest, brought up to date once per test run: the build script is cheap when its
-/// cache is current, and rebuilds the initramfs when its /init changed.
-fn linux_guest() -> Option<&'static LinuxGuest> {
-    static GUEST: OnceLock<Result<LinuxGuest, String>> = OnceLock::new();
-    let guest = GUEST.get_or_init(|| {
-        let root = common::repo_root();
-        let script = root.join("scripts/build-linux-guest.sh");
-        let output = Command::new(&script)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-        if !output.status.success() {
-            return Err(format!(
-                "{} failed ({}):\n{}{}",
-                script.display(),
-                output.status,
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            ));
-        }
-        let dir = root.join("build/linux-guest");
-        let guest =
-            LinuxGuest { vmlinuz: dir.join("vmlinuz"), initramfs: dir.join("initramfs.cpio.gz") };
-        if guest.vmlinuz.is_file() && guest.initramfs.is_file() {
-            Ok(guest)
-        } else {
-            Err(format!("{} has no vmlinuz and initramfs.cpio.gz", dir.display()))
-        }
-    });
-    match guest {
-        Ok(guest) => Some(guest),
-        Err(why) if common::env_flag("VANGUARD_REQUIRE_LINUX") => {
-            panic!("{why}; VANGUARD_REQUIRE_LINUX=1 makes that a failure")
-        }
-        Err(why) => {
-            println!("skipping: {why} (set VANGUARD_REQUIRE_LINUX=1 to make this a failure)");
-            None
-        }
-    }
 }
 
 /// One vhost-user-blk device for QEMU: its socket and how many queues QEMU gives it.
@@ -241,21 +72,6 @@ fn qemu(guest: &LinuxGuest, cpus: u8, disks: &[Disk<'_>]) -> Proc {
     Proc::spawn("qemu-system-x86_64", &mut cmd)
 }
 
-/// Runs QEMU to its end; fails (with everyone's output) if it does not power off in time.
-fn run_qemu(qemu: &mut Proc, backends: &[&Proc]) -> String {
-    let status = qemu.wait_exit(QEMU_TIMEOUT);
-    let reports: Vec<String> = backends.iter().map(|b| b.report()).collect();
-    let status = status.unwrap_or_else(|| {
-        panic!(
-            "QEMU ran longer than {QEMU_TIMEOUT:?}; killed\n{}\n{}",
-            qemu.report(),
-            reports.join("\n")
-        )
-    });
-    assert!(status.success(), "QEMU failed\n{}\n{}", qemu.report(), reports.join("\n"));
-    qemu.output()
-}
-
 /// A backend whose frontend went away ends by itself, with status 0, and removes its socket.
 #[track_caller]
 fn assert_backend_done(backend: &mut Proc, socket: &Path) {
@@ -278,12 +94,6 @@ fn guest_line<'a>(console: &'a str, prefix: &str) -> HashMap<&'a str, &'a str> {
     let lines: Vec<&str> = console.lines().filter(|l| l.trim_end().starts_with(&start)).collect();
     assert_eq!(lines.len(), 1, "expected one line starting with {start:?}\n{console}");
     lines[0].trim_end().split(' ').filter_map(|word| word.split_once('=')).collect()
-}
-
-/// Whether bit `bit` is set in a sysfs virtio `features` string (one '0'/'1' per bit, bit 0
-/// first).
-fn feature(features: &str, bit: usize) -> bool {
-    features.as_bytes().get(bit) == Some(&b'1')
 }
 
 /// Deterministic bytes that do not repeat within an image.

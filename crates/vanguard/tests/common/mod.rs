@@ -6,6 +6,9 @@
 //! safely: each VM is its own process with its own files.
 #![allow(dead_code)]
 
+pub mod linux_qemu;
+pub mod net;
+
 use std::ffi::{OsStr, OsString};
 use std::fmt::Write as _;
 use std::io::{Read, Write};
