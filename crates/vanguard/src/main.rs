@@ -1,6 +1,7 @@
 //! `vanguard`: the command-line entry point of the Vanguard virtualization platform.
 
 mod bench;
+mod manage;
 mod size;
 
 use clap::{Parser, Subcommand};
@@ -31,6 +32,22 @@ enum Command {
     /// Serve a Vanguard device model to another VMM over a vhost-user socket (docs/virtio.md).
     #[command(subcommand)]
     VhostUser(VhostUserCommand),
+    /// Run the host daemon: the REST API (docs/api.md), state, VMs supervised.
+    Serve(manage::ServeArgs),
+    /// Manage VMs through the daemon.
+    Vm {
+        #[command(subcommand)]
+        command: manage::VmCommand,
+        #[command(flatten)]
+        client: manage::ClientArgs,
+    },
+    /// The host, as the daemon sees it.
+    Host {
+        #[command(subcommand)]
+        command: manage::HostCommand,
+        #[command(flatten)]
+        client: manage::ClientArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -382,7 +399,7 @@ fn run(args: RunArgs, start: Instant) -> Result<VmOutcome, vmm::VmmError> {
 }
 
 /// Prints an error and its chain of causes on one line each.
-fn report(err: &dyn std::error::Error) {
+pub(crate) fn report(err: &dyn std::error::Error) {
     let mut text = format!("vanguard: error: {err}");
     let mut source = err.source();
     while let Some(cause) = source {
@@ -453,6 +470,9 @@ fn main() -> ExitCode {
         },
         Command::VhostUser(VhostUserCommand::Blk(args)) => vhost_user_blk(args),
         Command::VhostUser(VhostUserCommand::Net(args)) => vhost_user_net(args),
+        Command::Serve(args) => manage::serve(args),
+        Command::Vm { command, client } => manage::vm(command, client),
+        Command::Host { command, client } => manage::host(command, client),
         Command::Bench(which) => match bench::run(which) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

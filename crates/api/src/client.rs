@@ -1,0 +1,172 @@
+//! A client for the daemon's API on its Unix socket (HTTP/1.1 through hyper), used by the CLI
+//! and the tests.
+
+use crate::ApiError;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use tokio::net::UnixStream;
+
+/// Why a request did not give the answer wanted.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The daemon's socket cannot be reached.
+    #[error("cannot reach the daemon at {path}: {source} (is `vanguard serve` running?)")]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP exchange failed.
+    #[error("talking to the daemon: {0}")]
+    Http(String),
+    /// The daemon answered with an error.
+    #[error("{}", match &.error.field { Some(f) => format!("{f}: {}", .error.error), None => .error.error.clone() })]
+    Api {
+        /// The HTTP status.
+        status: u16,
+        /// The daemon's explanation.
+        error: ApiError,
+    },
+    /// The answer is not what the API documents.
+    #[error("unexpected answer from the daemon: {0}")]
+    Decode(String),
+}
+
+/// The daemon at a Unix socket.
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    /// A client for the daemon listening on `socket`.
+    pub fn unix(socket: impl AsRef<Path>) -> Client {
+        Client { socket: socket.as_ref().to_path_buf() }
+    }
+
+    /// The socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| ClientError::Connect { path: self.socket.clone(), source })?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let mut request = Request::builder().method(method).uri(path).header("host", "vanguard");
+        if body.is_some() {
+            request = request.header("content-type", "application/json");
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        sender.send_request(request).await.map_err(|e| ClientError::Http(e.to_string()))
+    }
+
+    /// Sends a request; returns the status and the whole body.
+    pub async fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(u16, Vec<u8>), ClientError> {
+        let method =
+            Method::from_bytes(method.as_bytes()).map_err(|e| ClientError::Http(e.to_string()))?;
+        let response = self.send(method, path, body).await?;
+        let status = response.status().as_u16();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?
+            .to_bytes();
+        Ok((status, bytes.to_vec()))
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, ClientError> {
+        let (status, bytes) = self.raw(method.as_str(), path, body).await?;
+        if !StatusCode::from_u16(status).is_ok_and(|s| s.is_success()) {
+            let error = serde_json::from_slice::<ApiError>(&bytes).unwrap_or_else(|_| ApiError {
+                error: format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)),
+                field: None,
+            });
+            return Err(ClientError::Api { status, error });
+        }
+        let body = if bytes.is_empty() { b"null".to_vec() } else { bytes };
+        serde_json::from_slice(&body).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    /// `GET path`, decoded.
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call(Method::GET, path, None).await
+    }
+
+    /// `POST path` with a JSON body, decoded.
+    pub async fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+    ) -> Result<T, ClientError> {
+        let body = serde_json::to_vec(body).map_err(|e| ClientError::Http(e.to_string()))?;
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    /// `DELETE path`.
+    pub async fn delete(&self, path: &str) -> Result<(), ClientError> {
+        self.call::<serde_json::Value>(Method::DELETE, path, None).await.map(|_| ())
+    }
+
+    /// `GET path` as a stream of lines, each given to `line` until it returns false or the
+    /// stream ends.
+    pub async fn lines(
+        &self,
+        path: &str,
+        mut line: impl FnMut(&str) -> bool,
+    ) -> Result<(), ClientError> {
+        let mut response = self.send(Method::GET, path, None).await?;
+        let status = response.status().as_u16();
+        if status != 200 {
+            return Err(ClientError::Api {
+                status,
+                error: ApiError { error: format!("HTTP {status}"), field: None },
+            });
+        }
+        let mut pending = Vec::new();
+        while let Some(frame) = response.body_mut().frame().await {
+            let frame = frame.map_err(|e| ClientError::Http(e.to_string()))?;
+            let Some(data) = frame.data_ref() else { continue };
+            pending.extend_from_slice(data);
+            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                let text = String::from_utf8_lossy(&pending[..end]).into_owned();
+                pending.drain(..=end);
+                if !line(&text) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,316 @@
+//! Vanguard's management API: the resources `vanguard serve` exposes under `/v1` (VM specs and
+//! status, operations, events, the host), how a spec is checked, and a client for the CLI.
+//!
+//! The types here are the wire format: JSON through serde, described for the OpenAPI document
+//! (`/openapi.json`) through utoipa. Field names are snake_case; enums are lowercase strings.
+//! Unknown fields in a spec are refused (a typo must not be silently ignored).
+
+pub mod client;
+pub mod spec;
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use utoipa::ToSchema;
+
+pub use spec::{validate, SpecError};
+
+/// The API version in every path (`/v1/...`).
+pub const API_PREFIX: &str = "/v1";
+
+/// A declarative VM: what to run. Only `name` is required.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    /// 1 to 63 characters: lowercase letters, digits and '-', starting with a letter or digit.
+    pub name: String,
+    /// vCPUs (1 to 254).
+    #[serde(default = "default_cpus")]
+    pub cpus: u8,
+    /// Guest memory in MiB (16 to 1048576).
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    /// What to boot; by default Vanguard's built-in test guest.
+    #[serde(default)]
+    pub boot: Boot,
+    /// virtio-blk disks, in the order the guest numbers them.
+    #[serde(default)]
+    pub disks: Vec<Disk>,
+    /// virtio-net cards on TAP devices.
+    #[serde(default)]
+    pub nics: Vec<Nic>,
+    /// A virtio-vsock device.
+    #[serde(default)]
+    pub vsock: Option<Vsock>,
+    /// What the daemon does when the VM's process ends without being asked to.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// Free-form key/value pairs (keys 1 to 63 characters, values up to 255).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn default_cpus() -> u8 {
+    1
+}
+
+fn default_memory() -> u64 {
+    128
+}
+
+/// What a VM boots: a kernel (bzImage or ELF vmlinux) with an optional initrd, or, with no
+/// kernel, the built-in test guest. Absolute paths on the host running the daemon.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Boot {
+    /// The kernel.
+    #[serde(default)]
+    pub kernel: Option<String>,
+    /// An initial ramdisk (needs a kernel).
+    #[serde(default)]
+    pub initrd: Option<String>,
+    /// The kernel command line (for the test guest: its scenarios, docs/test-guest.md).
+    #[serde(default)]
+    pub cmdline: Option<String>,
+}
+
+/// A virtio-blk disk on a raw image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Disk {
+    /// The image (an absolute path).
+    pub path: String,
+    /// The guest may not write.
+    #[serde(default)]
+    pub readonly: bool,
+    /// What the guest reads as the disk's ID (up to 20 bytes).
+    #[serde(default)]
+    pub serial: Option<String>,
+}
+
+/// A virtio-net card on a TAP device (created by the VMM if absent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Nic {
+    /// The TAP's name (1 to 15 bytes).
+    pub tap: String,
+    /// The card's MAC address (`52:54:00:12:34:56`); by default one derived from its position.
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+/// A virtio-vsock device; host programs reach the guest through `socket` (docs/virtio.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Vsock {
+    /// The guest's context ID (3 or more).
+    pub cid: u32,
+    /// The host-side Unix socket (an absolute path).
+    pub socket: String,
+}
+
+/// What the daemon does when a VM's process ends without being asked to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Leave it stopped (or failed).
+    #[default]
+    Never,
+    /// Start it again if it failed (a VMM error, a crash, killed), not if the guest powered off.
+    OnFailure,
+    /// Start it again whenever it ends by itself.
+    Always,
+}
+
+/// Where a VM is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    /// Defined, no process.
+    Stopped,
+    /// Its VMM process is being started.
+    Starting,
+    /// Its VMM process runs.
+    Running,
+    /// Being stopped (power button pressed, or killed).
+    Stopping,
+    /// Its process ended with an error, or vanished.
+    Failed,
+}
+
+/// How a VM's last process ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExitInfo {
+    /// The exit status, if it exited.
+    pub code: Option<i32>,
+    /// The signal that killed it, if one did.
+    pub signal: Option<i32>,
+    /// In words.
+    pub reason: String,
+    /// When (seconds since the Unix epoch).
+    pub at: u64,
+}
+
+/// What the daemon knows of a VM's process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmStatus {
+    /// Where the VM is in its life.
+    pub state: VmState,
+    /// The VMM process, while there is one.
+    pub pid: Option<u32>,
+    /// When the current (or last) process started (seconds since the Unix epoch).
+    pub started_at: Option<u64>,
+    /// How the last process ended.
+    pub last_exit: Option<ExitInfo>,
+    /// How many times the restart policy started it again.
+    pub restarts: u32,
+}
+
+impl Default for VmStatus {
+    fn default() -> VmStatus {
+        VmStatus {
+            state: VmState::Stopped,
+            pid: None,
+            started_at: None,
+            last_exit: None,
+            restarts: 0,
+        }
+    }
+}
+
+/// A VM: its spec and its status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Vm {
+    /// What to run.
+    pub spec: VmSpec,
+    /// What runs.
+    pub status: VmStatus,
+    /// When it was created (seconds since the Unix epoch).
+    pub created_at: u64,
+}
+
+/// What an operation does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OperationKind {
+    /// Start a VM.
+    Start,
+    /// Stop a VM.
+    Stop,
+    /// Restart a VM (stop, then start).
+    Restart,
+}
+
+/// Where an operation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OperationState {
+    /// Under way.
+    Running,
+    /// Done.
+    Succeeded,
+    /// Ended in an error (see `error`).
+    Failed,
+}
+
+/// A long-running action: answered 202 with this; poll it or wait on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Operation {
+    /// Its number (increasing).
+    pub id: u64,
+    /// What it does.
+    pub kind: OperationKind,
+    /// The VM it acts on.
+    pub vm: String,
+    /// Where it is.
+    pub state: OperationState,
+    /// What it is doing now, in words.
+    pub progress: String,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// When it was created and finished (seconds since the Unix epoch).
+    pub created_at: u64,
+    /// When it finished.
+    pub finished_at: Option<u64>,
+}
+
+/// Something that happened, as the events stream (`GET /v1/events`) carries it: one JSON
+/// object per line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Event {
+    /// Its number in this daemon's life (increasing).
+    pub seq: u64,
+    /// When (milliseconds since the Unix epoch).
+    pub time_ms: u64,
+    /// `vm.created`, `vm.starting`, `vm.running`, `vm.stopping`, `vm.stopped`, `vm.failed`,
+    /// `vm.restarting`, `vm.deleted`, `operation.succeeded`, `operation.failed`,
+    /// `daemon.started`.
+    pub kind: String,
+    /// The VM concerned, if any.
+    pub vm: Option<String>,
+    /// The operation concerned, if any.
+    pub operation: Option<u64>,
+    /// In words.
+    pub message: String,
+}
+
+/// What a hypervisor driver can do on this host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DriverInfo {
+    /// `vanguard`.
+    pub name: String,
+    /// Whether VMs can run with it here.
+    pub available: bool,
+    /// Why not, or how (e.g. KVM without hardware virtualization).
+    pub detail: String,
+}
+
+/// The host the daemon runs on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostInfo {
+    /// The host's name.
+    pub hostname: String,
+    /// The daemon's version.
+    pub version: String,
+    /// Online CPUs.
+    pub cpus: u32,
+    /// Memory, and memory available (MiB, from /proc/meminfo).
+    pub memory_total_mib: u64,
+    /// Memory available to new processes.
+    pub memory_available_mib: u64,
+    /// VMs defined, and running.
+    pub vms_defined: u64,
+    /// VMs whose process runs.
+    pub vms_running: u64,
+    /// vCPUs and MiB given to running VMs.
+    pub vcpus_running: u64,
+    /// Memory of running VMs (MiB).
+    pub memory_running_mib: u64,
+    /// The hypervisor drivers.
+    pub drivers: Vec<DriverInfo>,
+}
+
+/// Every error the API returns: the HTTP status says what kind, this says what.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ApiError {
+    /// What went wrong.
+    pub error: String,
+    /// The spec field at fault (`memory_mib`, `disks[1].path`, ...), for 400s about a spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}

@@ -1,0 +1,257 @@
+//! The Vanguard driver: a VM is one `vanguard run` process, started from its spec, in a
+//! process group of its own (a signal to the daemon's group does not reach it) with stdin from
+//! /dev/null, stdout and stderr appended to `vmm.log` and the serial console written to
+//! `console.log`, both in the VM's directory. The process outlives the daemon: a restarted
+//! daemon finds it again by pid and start time.
+
+use api::VmSpec;
+use std::ffi::OsString;
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use tokio::io::unix::AsyncFd;
+
+/// The files of one VM, in `<data dir>/vms/<name>/`.
+#[derive(Debug, Clone)]
+pub struct VmFiles {
+    /// The directory.
+    pub dir: PathBuf,
+}
+
+impl VmFiles {
+    /// The files of VM `name` under `data_dir`.
+    pub fn new(data_dir: &Path, name: &str) -> VmFiles {
+        VmFiles { dir: data_dir.join("vms").join(name) }
+    }
+
+    /// The serial console's output.
+    pub fn console(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+
+    /// The VMM's own output (errors, its report of how the VM ended).
+    pub fn vmm_log(&self) -> PathBuf {
+        self.dir.join("vmm.log")
+    }
+}
+
+/// The arguments of `vanguard` that run `spec` with its console in `console`.
+pub fn vmm_args(spec: &VmSpec, console: &Path) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
+        "run".into(),
+        "--cpus".into(),
+        spec.cpus.to_string().into(),
+        "--memory".into(),
+        format!("{}M", spec.memory_mib).into(),
+    ];
+    let mut serial = OsString::from("file:");
+    serial.push(console);
+    args.extend(["--serial".into(), serial]);
+    if let Some(kernel) = &spec.boot.kernel {
+        args.extend(["--kernel".into(), kernel.into()]);
+    }
+    if let Some(initrd) = &spec.boot.initrd {
+        args.extend(["--initrd".into(), initrd.into()]);
+    }
+    if let Some(cmdline) = &spec.boot.cmdline {
+        args.extend(["--cmdline".into(), cmdline.into()]);
+    }
+    for disk in &spec.disks {
+        let mut value = format!("path={}", disk.path);
+        if disk.readonly {
+            value.push_str(",readonly=on");
+        }
+        if let Some(serial) = &disk.serial {
+            value.push_str(&format!(",serial={serial}"));
+        }
+        args.extend(["--disk".into(), value.into()]);
+    }
+    for nic in &spec.nics {
+        let mut value = format!("tap={}", nic.tap);
+        if let Some(mac) = &nic.mac {
+            value.push_str(&format!(",mac={mac}"));
+        }
+        args.extend(["--net".into(), value.into()]);
+    }
+    if let Some(vsock) = &spec.vsock {
+        args.extend([
+            "--vsock".into(),
+            format!("cid={},socket={}", vsock.cid, vsock.socket).into(),
+        ]);
+    }
+    args
+}
+
+/// Checks that the host files a spec names exist (the field at fault, and why, if not).
+pub fn check_files(spec: &VmSpec) -> Result<(), api::SpecError> {
+    let mut files: Vec<(String, &str)> = Vec::new();
+    if let Some(kernel) = &spec.boot.kernel {
+        files.push(("boot.kernel".into(), kernel));
+    }
+    if let Some(initrd) = &spec.boot.initrd {
+        files.push(("boot.initrd".into(), initrd));
+    }
+    for (i, disk) in spec.disks.iter().enumerate() {
+        files.push((format!("disks[{i}].path"), &disk.path));
+    }
+    for (field, path) in files {
+        match std::fs::metadata(path) {
+            Ok(meta) if meta.is_file() || meta.file_type().is_symlink() => {}
+            Ok(_) => return Err(api::SpecError { field, reason: format!("{path} is not a file") }),
+            Err(e) => return Err(api::SpecError { field, reason: format!("{path}: {e}") }),
+        }
+    }
+    Ok(())
+}
+
+/// A started VMM process.
+pub struct Launched {
+    /// Its pid.
+    pub pid: u32,
+    /// Its start time (see [`proc_start_time`]).
+    pub proc_start: Option<u64>,
+    /// The child, to wait on.
+    pub child: tokio::process::Child,
+}
+
+/// Starts `exe` with `args` for the VM whose files are `files`.
+pub fn launch(exe: &Path, args: &[OsString], files: &VmFiles) -> io::Result<Launched> {
+    std::fs::create_dir_all(&files.dir)?;
+    let log = OpenOptions::new().create(true).append(true).open(files.vmm_log())?;
+    let mut command = tokio::process::Command::new(exe);
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .kill_on_drop(false);
+    let child = command.spawn()?;
+    let pid = child.id().ok_or_else(|| io::Error::other("the VMM exited at once"))?;
+    Ok(Launched { pid, proc_start: proc_start_time(pid), child })
+}
+
+/// Field 22 of /proc/PID/stat (the start time in clock ticks since boot), which with the pid
+/// names one process for the host's uptime.
+pub fn proc_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields resume after the
+    // last ')'.
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether `pid` is still the process that started at `start` (and not a zombie).
+pub fn same_process(pid: u32, start: Option<u64>) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let state =
+        stat.rfind(')').and_then(|i| stat.get(i + 1..)).and_then(|r| r.split_whitespace().next());
+    if state == Some("Z") || state == Some("X") {
+        return false;
+    }
+    start.is_some() && proc_start_time(pid) == start
+}
+
+/// Sends `signal` to `pid`.
+pub fn signal(pid: u32, signal: libc::c_int) -> io::Result<()> {
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: kill has no memory-safety preconditions.
+    if unsafe { libc::kill(pid, signal) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Waits until process `pid` (not a child of this daemon: one it found again after a restart)
+/// ends, through a pidfd.
+pub async fn wait_foreign(pid: u32) -> io::Result<()> {
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        // ESRCH: it has already gone.
+        return if e.raw_os_error() == Some(libc::ESRCH) { Ok(()) } else { Err(e) };
+    }
+    let fd = i32::try_from(fd).map_err(|_| io::Error::other("pidfd out of range"))?;
+    // SAFETY: the descriptor was just returned by pidfd_open and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `fd` is an OwnedFd: it stays open, and as_raw_fd returns the same descriptor,
+    // for as long as the AsyncFd owns it.
+    let watched = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    // A pidfd becomes readable when the process exits.
+    let _guard = watched.readable().await?;
+    Ok(())
+}
+
+/// How a process ended, in words, and whether that is a failure.
+pub fn describe_exit(status: &ExitStatus) -> (Option<i32>, Option<i32>, String, bool) {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(0), _) => (Some(0), None, "the guest powered off (exit status 0)".into(), false),
+        (Some(code), _) => (Some(code), None, format!("the VMM exited with status {code}"), true),
+        (None, Some(sig)) => (None, Some(sig), format!("the VMM was killed by signal {sig}"), true),
+        (None, None) => (None, None, "the VMM ended".into(), true),
+    }
+}
+
+/// The last `lines` lines of a file (for error messages), empty if it cannot be read.
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_follow_the_spec() {
+        let spec: VmSpec = serde_json::from_str(
+            r#"{"name": "a", "cpus": 2, "memory_mib": 256,
+                "boot": {"kernel": "/k", "cmdline": "console=ttyS0 x"},
+                "disks": [{"path": "/d.img", "readonly": true, "serial": "s1"}],
+                "nics": [{"tap": "t0", "mac": "52:54:00:00:00:09"}],
+                "vsock": {"cid": 7, "socket": "/v.sock"}}"#,
+        )
+        .unwrap();
+        let args: Vec<String> = vmm_args(&spec, Path::new("/data/c.log"))
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            args.join(" "),
+            "run --cpus 2 --memory 256M --serial file:/data/c.log --kernel /k --cmdline \
+             console=ttyS0 x --disk path=/d.img,readonly=on,serial=s1 --net \
+             tap=t0,mac=52:54:00:00:00:09 --vsock cid=7,socket=/v.sock"
+        );
+    }
+
+    #[test]
+    fn this_process_is_found_again_and_others_are_not() {
+        let me = std::process::id();
+        let start = proc_start_time(me);
+        assert!(start.is_some());
+        assert!(same_process(me, start));
+        assert!(!same_process(me, start.map(|s| s + 1)));
+        assert!(!same_process(me, None));
+        assert!(!same_process(u32::MAX - 1, start));
+    }
+
+    #[test]
+    fn missing_files_name_their_field() {
+        let spec: VmSpec = serde_json::from_str(
+            r#"{"name": "a", "disks": [{"path": "/proc/self/stat"}, {"path": "/no/such.img"}]}"#,
+        )
+        .unwrap();
+        let e = check_files(&spec).unwrap_err();
+        assert_eq!(e.field, "disks[1].path");
+        assert!(e.reason.contains("No such file"), "{e}");
+    }
+}

@@ -1,0 +1,633 @@
+//! The VMs the daemon manages: their records (in memory and in the store), their processes,
+//! the operations acting on them, and the events they produce.
+//!
+//! Invariants:
+//! - A record is written to the store before the API answers for the change it makes.
+//! - At most one operation acts on a VM at a time (`busy`); another state-changing request
+//!   gets 409 naming the operation under way.
+//! - Each process launch has a generation number; the task waiting on a process only updates
+//!   the record if the generation is still current, so a late exit cannot touch a newer run.
+//! - The std mutex guarding the map is never held across an `.await`.
+
+use crate::driver::{self, VmFiles};
+use crate::store::{Store, StoreError, VmRecord};
+use api::{
+    ApiError, Event, ExitInfo, Operation, OperationKind, OperationState, RestartPolicy, Vm, VmSpec,
+    VmState, VmStatus,
+};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+use tokio::sync::{broadcast, Notify};
+
+/// How long a graceful stop waits for the guest before the VMM is killed, by default.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a start watches the new process for an early failure.
+const START_GRACE: Duration = Duration::from_millis(150);
+/// Delay before the restart policy starts a VM again.
+const RESTART_DELAY: Duration = Duration::from_secs(1);
+
+/// An error the API turns into a status and a JSON body.
+#[derive(Debug)]
+pub struct Failure {
+    /// The HTTP status.
+    pub status: u16,
+    /// The body.
+    pub error: ApiError,
+}
+
+impl Failure {
+    fn new(status: u16, message: impl Into<String>) -> Failure {
+        Failure { status, error: ApiError { error: message.into(), field: None } }
+    }
+    /// 400 about a spec field.
+    pub fn spec(e: api::SpecError) -> Failure {
+        Failure { status: 400, error: ApiError { error: e.reason, field: Some(e.field) } }
+    }
+    /// 400.
+    pub fn bad_request(message: impl Into<String>) -> Failure {
+        Failure::new(400, message)
+    }
+    fn not_found(name: &str) -> Failure {
+        Failure::new(404, format!("no VM named '{name}'"))
+    }
+    fn conflict(message: impl Into<String>) -> Failure {
+        Failure::new(409, message)
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Failure {
+        Failure::new(500, e.to_string())
+    }
+}
+
+struct Entry {
+    record: VmRecord,
+    /// The operation acting on the VM, if any.
+    busy: Option<u64>,
+    /// Increases with every process launched.
+    generation: u64,
+    /// The daemon asked the current process to end (a stop), so its end is not a failure.
+    stop_requested: bool,
+}
+
+/// The manager, shared by the API handlers and the tasks it starts.
+pub struct Manager {
+    store: Store,
+    exe: PathBuf,
+    data_dir: PathBuf,
+    vms: Mutex<BTreeMap<String, Entry>>,
+    operations: Mutex<BTreeMap<u64, Operation>>,
+    /// Woken whenever an operation or a VM's process changes.
+    changed: Notify,
+    events: broadcast::Sender<Event>,
+    event_seq: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Manager {
+    /// Loads the state from `store` and finds the VMM processes that kept running while the
+    /// daemon was down; `exe` is the `vanguard` binary the VMs run.
+    pub fn new(store: Store, exe: PathBuf, data_dir: PathBuf) -> Result<Arc<Manager>, Failure> {
+        let (events, _) = broadcast::channel(1024);
+        let manager = Arc::new(Manager {
+            store,
+            exe,
+            data_dir,
+            vms: Mutex::new(BTreeMap::new()),
+            operations: Mutex::new(BTreeMap::new()),
+            changed: Notify::new(),
+            events,
+            event_seq: AtomicU64::new(0),
+        });
+        let mut interrupted = Vec::new();
+        for mut op in manager.store.operations()? {
+            if op.state == OperationState::Running {
+                // The daemon died under it: it will not finish.
+                op.state = OperationState::Failed;
+                op.error = Some("the daemon was restarted while the operation ran".into());
+                op.finished_at = Some(api::now_secs());
+                interrupted.push(op.clone());
+            }
+            lock(&manager.operations).insert(op.id, op);
+        }
+        for op in interrupted {
+            manager.store.put_operation(&op)?;
+        }
+        for record in manager.store.vms()? {
+            manager.adopt(record)?;
+        }
+        manager.emit("daemon.started", None, None, "the daemon started");
+        Ok(manager)
+    }
+
+    /// Takes a stored record over at startup: a process that still runs is watched again; one
+    /// that vanished marks the VM failed.
+    fn adopt(self: &Arc<Self>, mut record: VmRecord) -> Result<(), Failure> {
+        let name = record.vm.spec.name.clone();
+        let status = &mut record.vm.status;
+        let had_process =
+            matches!(status.state, VmState::Running | VmState::Starting | VmState::Stopping);
+        let mut watch = None;
+        if had_process {
+            match status.pid {
+                Some(pid) if driver::same_process(pid, record.proc_start) => {
+                    status.state = VmState::Running;
+                    watch = Some(pid);
+                }
+                _ => {
+                    status.state = VmState::Failed;
+                    status.pid = None;
+                    status.last_exit = Some(ExitInfo {
+                        code: None,
+                        signal: None,
+                        reason: "its VMM process ended while the daemon was not running".into(),
+                        at: api::now_secs(),
+                    });
+                }
+            }
+            self.store.put_vm(&record)?;
+        }
+        lock(&self.vms).insert(
+            name.clone(),
+            Entry { record, busy: None, generation: 1, stop_requested: false },
+        );
+        if let Some(pid) = watch {
+            let manager = self.clone();
+            tokio::spawn(async move {
+                let _ = driver::wait_foreign(pid).await;
+                manager.process_ended(&name, 1, None);
+            });
+        }
+        Ok(())
+    }
+
+    /// Sends an event to every listener of the stream.
+    fn emit(&self, kind: &str, vm: Option<&str>, operation: Option<u64>, message: &str) {
+        let seq = self.event_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let _ = self.events.send(Event {
+            seq,
+            time_ms: api::now_ms(),
+            kind: kind.into(),
+            vm: vm.map(str::to_string),
+            operation,
+            message: message.into(),
+        });
+    }
+
+    /// A receiver of the events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// Every VM, by name.
+    pub fn list(&self) -> Vec<Vm> {
+        lock(&self.vms).values().map(|e| e.record.vm.clone()).collect()
+    }
+
+    /// One VM.
+    pub fn get(&self, name: &str) -> Result<Vm, Failure> {
+        lock(&self.vms)
+            .get(name)
+            .map(|e| e.record.vm.clone())
+            .ok_or_else(|| Failure::not_found(name))
+    }
+
+    /// Defines a VM.
+    pub fn create(&self, spec: VmSpec) -> Result<Vm, Failure> {
+        api::validate(&spec).map_err(Failure::spec)?;
+        driver::check_files(&spec).map_err(Failure::spec)?;
+        let mut vms = lock(&self.vms);
+        if vms.contains_key(&spec.name) {
+            return Err(Failure::conflict(format!("a VM named '{}' exists", spec.name)));
+        }
+        let vm = Vm { spec, status: VmStatus::default(), created_at: api::now_secs() };
+        let record = VmRecord { vm: vm.clone(), proc_start: None };
+        self.store.put_vm(&record)?;
+        let name = vm.spec.name.clone();
+        vms.insert(
+            name.clone(),
+            Entry { record, busy: None, generation: 0, stop_requested: false },
+        );
+        drop(vms);
+        self.emit("vm.created", Some(&name), None, "defined");
+        Ok(vm)
+    }
+
+    /// Removes a stopped VM and its files.
+    pub fn delete(&self, name: &str) -> Result<(), Failure> {
+        let mut vms = lock(&self.vms);
+        let entry = vms.get(name).ok_or_else(|| Failure::not_found(name))?;
+        if let Some(op) = entry.busy {
+            return Err(Failure::conflict(format!("operation {op} is under way on '{name}'")));
+        }
+        if entry.record.vm.status.pid.is_some() {
+            return Err(Failure::conflict(format!("'{name}' is running: stop it first")));
+        }
+        self.store.delete_vm(name)?;
+        vms.remove(name);
+        drop(vms);
+        let _ = std::fs::remove_dir_all(VmFiles::new(&self.data_dir, name).dir);
+        self.emit("vm.deleted", Some(name), None, "deleted");
+        Ok(())
+    }
+
+    /// One operation.
+    pub fn operation(&self, id: u64) -> Result<Operation, Failure> {
+        lock(&self.operations)
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Failure::new(404, format!("no operation {id}")))
+    }
+
+    /// Every operation, oldest first.
+    pub fn operations(&self) -> Vec<Operation> {
+        lock(&self.operations).values().cloned().collect()
+    }
+
+    /// Waits until operation `id` is done or `timeout` passes; returns it either way.
+    pub async fn wait_operation(&self, id: u64, timeout: Duration) -> Result<Operation, Failure> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            let op = self.operation(id)?;
+            if op.state != OperationState::Running {
+                return Ok(op);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.operation(id);
+            }
+        }
+    }
+
+    /// Creates operation `kind` on `name`, marking the VM busy; `check` says whether the VM's
+    /// state allows it.
+    fn begin(
+        &self,
+        name: &str,
+        kind: OperationKind,
+        check: impl FnOnce(&Entry) -> Result<(), Failure>,
+    ) -> Result<Operation, Failure> {
+        let mut vms = lock(&self.vms);
+        let entry = vms.get_mut(name).ok_or_else(|| Failure::not_found(name))?;
+        if let Some(op) = entry.busy {
+            return Err(Failure::conflict(format!("operation {op} is under way on '{name}'")));
+        }
+        check(entry)?;
+        let op = Operation {
+            id: self.store.next_operation_id()?,
+            kind,
+            vm: name.into(),
+            state: OperationState::Running,
+            progress: "queued".into(),
+            error: None,
+            created_at: api::now_secs(),
+            finished_at: None,
+        };
+        self.store.put_operation(&op)?;
+        entry.busy = Some(op.id);
+        drop(vms);
+        lock(&self.operations).insert(op.id, op.clone());
+        Ok(op)
+    }
+
+    fn progress(&self, id: u64, text: &str) {
+        if let Some(op) = lock(&self.operations).get_mut(&id) {
+            op.progress = text.into();
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Ends operation `id` with `result`, freeing its VM.
+    fn finish(&self, id: u64, result: Result<String, String>) {
+        let mut ops = lock(&self.operations);
+        let Some(op) = ops.get_mut(&id) else { return };
+        match &result {
+            Ok(done) => {
+                op.state = OperationState::Succeeded;
+                op.progress = done.clone();
+            }
+            Err(e) => {
+                op.state = OperationState::Failed;
+                op.error = Some(e.clone());
+            }
+        }
+        op.finished_at = Some(api::now_secs());
+        let op = op.clone();
+        drop(ops);
+        if let Err(e) = self.store.put_operation(&op) {
+            tracing::error!("{e}");
+        }
+        if let Some(entry) = lock(&self.vms).get_mut(&op.vm) {
+            if entry.busy == Some(id) {
+                entry.busy = None;
+            }
+        }
+        let (kind, message) = match &result {
+            Ok(done) => ("operation.succeeded", format!("{:?} {}: {done}", op.kind, op.vm)),
+            Err(e) => ("operation.failed", format!("{:?} {}: {e}", op.kind, op.vm)),
+        };
+        self.emit(kind, Some(&op.vm), Some(id), &message.to_lowercase());
+        self.changed.notify_waiters();
+    }
+
+    /// Updates a VM's record (in memory and in the store) through `change`.
+    fn update(&self, name: &str, change: impl FnOnce(&mut Entry)) {
+        let mut vms = lock(&self.vms);
+        let Some(entry) = vms.get_mut(name) else { return };
+        change(entry);
+        if let Err(e) = self.store.put_vm(&entry.record) {
+            tracing::error!("{e}");
+        }
+        drop(vms);
+        self.changed.notify_waiters();
+    }
+
+    /// Starts a stopped (or failed) VM: 202 with the operation.
+    pub fn start(self: &Arc<Self>, name: &str) -> Result<Operation, Failure> {
+        let op =
+            self.begin(name, OperationKind::Start, |entry| match entry.record.vm.status.pid {
+                Some(_) => Err(Failure::conflict(format!("'{name}' is already running"))),
+                None => Ok(()),
+            })?;
+        let manager = self.clone();
+        let (name, id) = (name.to_string(), op.id);
+        tokio::spawn(async move {
+            let result = manager.run_start(&name, id).await;
+            manager.finish(id, result);
+        });
+        Ok(op)
+    }
+
+    /// Launches the VM's process and watches it; the operation's result.
+    async fn run_start(self: &Arc<Self>, name: &str, op: u64) -> Result<String, String> {
+        self.progress(op, "starting the VMM process");
+        let generation = self.launch(name)?;
+        // An early failure (a bad kernel, no KVM) shows within milliseconds.
+        tokio::time::sleep(START_GRACE).await;
+        let vm = self.get(name).map_err(|e| e.error.error)?;
+        let current = lock(&self.vms).get(name).map(|e| e.generation) == Some(generation);
+        match (vm.status.state, current) {
+            (VmState::Running, true) => Ok("running".into()),
+            (VmState::Stopped, true) => Ok("started; the guest has already powered off".into()),
+            _ => Err(vm
+                .status
+                .last_exit
+                .map(|exit| exit.reason)
+                .unwrap_or_else(|| "the VM did not start".into())),
+        }
+    }
+
+    /// Starts the VMM process for `name`; returns its generation.
+    fn launch(self: &Arc<Self>, name: &str) -> Result<u64, String> {
+        let spec = self.get(name).map_err(|e| e.error.error)?.spec;
+        let files = VmFiles::new(&self.data_dir, name);
+        // A fresh console for each run.
+        let _ = std::fs::create_dir_all(&files.dir);
+        let _ = std::fs::remove_file(files.console());
+        if let Err(e) = driver::check_files(&spec) {
+            self.update(name, |entry| {
+                entry.record.vm.status.state = VmState::Failed;
+                entry.record.vm.status.last_exit = Some(ExitInfo {
+                    code: None,
+                    signal: None,
+                    reason: e.to_string(),
+                    at: api::now_secs(),
+                });
+            });
+            return Err(e.to_string());
+        }
+        let args = driver::vmm_args(&spec, &files.console());
+        self.emit("vm.starting", Some(name), None, "starting");
+        let launched = match driver::launch(&self.exe, &args, &files) {
+            Ok(launched) => launched,
+            Err(e) => {
+                let reason = format!("cannot start {}: {e}", self.exe.display());
+                self.update(name, |entry| {
+                    entry.record.vm.status.state = VmState::Failed;
+                    entry.record.vm.status.last_exit = Some(ExitInfo {
+                        code: None,
+                        signal: None,
+                        reason: reason.clone(),
+                        at: api::now_secs(),
+                    });
+                });
+                self.emit("vm.failed", Some(name), None, &reason);
+                return Err(reason);
+            }
+        };
+        let mut generation = 0;
+        self.update(name, |entry| {
+            entry.generation += 1;
+            generation = entry.generation;
+            entry.stop_requested = false;
+            entry.record.proc_start = launched.proc_start;
+            let status = &mut entry.record.vm.status;
+            status.state = VmState::Running;
+            status.pid = Some(launched.pid);
+            status.started_at = Some(api::now_secs());
+        });
+        self.emit("vm.running", Some(name), None, &format!("VMM process {}", launched.pid));
+        let manager = self.clone();
+        let name = name.to_string();
+        let mut child = launched.child;
+        tokio::spawn(async move {
+            let status = child.wait().await.ok();
+            manager.process_ended(&name, generation, status);
+        });
+        Ok(generation)
+    }
+
+    /// A VM's process ended (`status` unknown for one found again after a restart).
+    fn process_ended(
+        self: &Arc<Self>,
+        name: &str,
+        generation: u64,
+        status: Option<std::process::ExitStatus>,
+    ) {
+        let (code, signal, mut reason, mut failed) = match &status {
+            Some(status) => driver::describe_exit(status),
+            None => (None, None, "the VMM process ended (its exit status is unknown: the daemon was restarted while it ran)".into(), false),
+        };
+        let mut restart = false;
+        let mut stale = true;
+        let files = VmFiles::new(&self.data_dir, name);
+        self.update(name, |entry| {
+            if entry.generation != generation {
+                return;
+            }
+            stale = false;
+            if entry.stop_requested {
+                failed = false;
+                reason = format!("stopped ({reason})");
+            }
+            if failed {
+                let detail = driver::tail(&files.vmm_log(), 3);
+                if !detail.is_empty() {
+                    reason = format!("{reason}: {detail}");
+                }
+            }
+            let status = &mut entry.record.vm.status;
+            status.pid = None;
+            status.state = if failed { VmState::Failed } else { VmState::Stopped };
+            status.last_exit =
+                Some(ExitInfo { code, signal, reason: reason.clone(), at: api::now_secs() });
+            entry.record.proc_start = None;
+            restart = !entry.stop_requested
+                && match entry.record.vm.spec.restart {
+                    RestartPolicy::Never => false,
+                    RestartPolicy::OnFailure => failed,
+                    RestartPolicy::Always => true,
+                };
+            entry.stop_requested = false;
+        });
+        if stale {
+            return;
+        }
+        self.emit(if failed { "vm.failed" } else { "vm.stopped" }, Some(name), None, &reason);
+        if restart {
+            let manager = self.clone();
+            let name = name.to_string();
+            tokio::spawn(async move {
+                tokio::time::sleep(RESTART_DELAY).await;
+                manager.restart_by_policy(&name);
+            });
+        }
+    }
+
+    /// Starts a VM again under its restart policy (unless someone else acted on it meanwhile).
+    fn restart_by_policy(self: &Arc<Self>, name: &str) {
+        let go = {
+            let vms = lock(&self.vms);
+            vms.get(name).is_some_and(|e| e.busy.is_none() && e.record.vm.status.pid.is_none())
+        };
+        if !go {
+            return;
+        }
+        self.update(name, |entry| entry.record.vm.status.restarts += 1);
+        self.emit("vm.restarting", Some(name), None, "restart policy");
+        if let Err(e) = self.launch(name) {
+            tracing::warn!("restarting {name}: {e}");
+        }
+    }
+
+    /// Stops a running VM: the power button (the guest shuts down), then after `timeout` a
+    /// kill; or a kill at once (`force`).
+    pub fn stop(
+        self: &Arc<Self>,
+        name: &str,
+        force: bool,
+        timeout: Duration,
+    ) -> Result<Operation, Failure> {
+        let op =
+            self.begin(name, OperationKind::Stop, |entry| match entry.record.vm.status.pid {
+                None => Err(Failure::conflict(format!("'{name}' is not running"))),
+                Some(_) => Ok(()),
+            })?;
+        let manager = self.clone();
+        let (name, id) = (name.to_string(), op.id);
+        tokio::spawn(async move {
+            let result = manager.run_stop(&name, id, force, timeout).await;
+            manager.finish(id, result);
+        });
+        Ok(op)
+    }
+
+    async fn run_stop(
+        &self,
+        name: &str,
+        op: u64,
+        force: bool,
+        timeout: Duration,
+    ) -> Result<String, String> {
+        let mut pid = None;
+        self.update(name, |entry| {
+            entry.stop_requested = true;
+            pid = entry.record.vm.status.pid;
+            if pid.is_some() {
+                entry.record.vm.status.state = VmState::Stopping;
+            }
+        });
+        let Some(pid) = pid else { return Ok("it had already stopped".into()) };
+        self.emit(
+            "vm.stopping",
+            Some(name),
+            Some(op),
+            if force { "killing" } else { "power button" },
+        );
+        if !force {
+            self.progress(
+                op,
+                &format!(
+                    "power button pressed; waiting up to {}s for the guest",
+                    timeout.as_secs()
+                ),
+            );
+            let _ = driver::signal(pid, libc::SIGTERM);
+            if self.wait_stopped(name, timeout).await {
+                return Ok("the guest shut down".into());
+            }
+            self.progress(op, "the guest did not shut down in time; killing the VMM");
+        }
+        let _ = driver::signal(pid, libc::SIGKILL);
+        if self.wait_stopped(name, Duration::from_secs(10)).await {
+            Ok(if force { "killed".into() } else { "killed after the timeout".into() })
+        } else {
+            Err(format!("VMM process {pid} did not end after SIGKILL"))
+        }
+    }
+
+    /// Restarts a VM: stops it if it runs (as [`Manager::stop`]), then starts it.
+    pub fn restart(
+        self: &Arc<Self>,
+        name: &str,
+        force: bool,
+        timeout: Duration,
+    ) -> Result<Operation, Failure> {
+        let op = self.begin(name, OperationKind::Restart, |_| Ok(()))?;
+        let manager = self.clone();
+        let (name, id) = (name.to_string(), op.id);
+        tokio::spawn(async move {
+            let running = manager.get(&name).is_ok_and(|vm| vm.status.pid.is_some());
+            let stopped = if running {
+                manager.run_stop(&name, id, force, timeout).await
+            } else {
+                Ok(String::new())
+            };
+            let result = match stopped {
+                Ok(_) => manager.run_start(&name, id).await,
+                Err(e) => Err(e),
+            };
+            manager.finish(id, result);
+        });
+        Ok(op)
+    }
+
+    /// Waits until the VM has no process; false after `timeout`.
+    async fn wait_stopped(&self, name: &str, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            let running =
+                lock(&self.vms).get(name).is_some_and(|e| e.record.vm.status.pid.is_some());
+            if !running {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// The console output of a VM's current (or last) run.
+    pub fn console(&self, name: &str) -> Result<Vec<u8>, Failure> {
+        self.get(name)?;
+        Ok(std::fs::read(VmFiles::new(&self.data_dir, name).console()).unwrap_or_default())
+    }
+}

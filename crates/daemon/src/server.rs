@@ -1,0 +1,371 @@
+//! The REST API: axum routes under `/v1`, the OpenAPI document generated from them
+//! (`/openapi.json`), the events stream and Prometheus metrics.
+//!
+//! Every error is JSON (`ApiError`) with a status that says what kind: 400 a malformed request
+//! or an invalid spec (with the field), 404 an unknown VM or operation, 409 a conflict with the
+//! VM's state or an operation under way, 500 the daemon's own failure. Request bodies are read
+//! and parsed here (not by axum's extractor) so that every malformed body gets the same JSON
+//! 400 with serde's reason.
+
+use crate::manager::{Failure, Manager, DEFAULT_STOP_TIMEOUT};
+use api::{ApiError, DriverInfo, Event, HostInfo, Operation, Vm, VmSpec, VmState};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use std::sync::Arc;
+use std::time::Duration;
+use utoipa::OpenApi;
+
+/// The OpenAPI document of the API.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Vanguard",
+        description = "Vanguard's host daemon: VMs, operations, events, the host."
+    ),
+    paths(
+        list_vms,
+        create_vm,
+        get_vm,
+        delete_vm,
+        start_vm,
+        stop_vm,
+        restart_vm,
+        console,
+        list_operations,
+        get_operation,
+        wait_operation,
+        events,
+        host,
+        metrics
+    ),
+    components(schemas(
+        VmSpec,
+        Vm,
+        api::VmStatus,
+        api::VmState,
+        api::ExitInfo,
+        api::Boot,
+        api::Disk,
+        api::Nic,
+        api::Vsock,
+        api::RestartPolicy,
+        Operation,
+        api::OperationKind,
+        api::OperationState,
+        Event,
+        HostInfo,
+        DriverInfo,
+        ApiError
+    ))
+)]
+pub struct ApiDoc;
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.error)).into_response()
+    }
+}
+
+type Shared = State<Arc<Manager>>;
+
+/// The router of the whole API.
+pub fn router(manager: Arc<Manager>) -> Router {
+    Router::new()
+        .route("/openapi.json", get(openapi))
+        .route("/v1/vms", get(list_vms).post(create_vm))
+        .route("/v1/vms/{name}", get(get_vm).delete(delete_vm))
+        .route("/v1/vms/{name}/start", post(start_vm))
+        .route("/v1/vms/{name}/stop", post(stop_vm))
+        .route("/v1/vms/{name}/restart", post(restart_vm))
+        .route("/v1/vms/{name}/console", get(console))
+        .route("/v1/operations", get(list_operations))
+        .route("/v1/operations/{id}", get(get_operation))
+        .route("/v1/operations/{id}/wait", get(wait_operation))
+        .route("/v1/events", get(events))
+        .route("/v1/host", get(host))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { Failure::not_found_path() })
+        .method_not_allowed_fallback(|| async {
+            Failure {
+                status: 405,
+                error: ApiError { error: "method not allowed here".into(), field: None },
+            }
+        })
+        .with_state(manager)
+}
+
+impl Failure {
+    fn not_found_path() -> Failure {
+        Failure {
+            status: 404,
+            error: ApiError { error: "no such path (the API is under /v1)".into(), field: None },
+        }
+    }
+}
+
+async fn openapi() -> Response {
+    let doc = ApiDoc::openapi().to_pretty_json().unwrap_or_default();
+    ([(header::CONTENT_TYPE, "application/json")], doc).into_response()
+}
+
+/// Every VM.
+#[utoipa::path(get, path = "/v1/vms", responses((status = 200, body = [Vm])))]
+async fn list_vms(State(m): Shared) -> Json<Vec<Vm>> {
+    Json(m.list())
+}
+
+/// Defines a VM from its spec (JSON).
+#[utoipa::path(post, path = "/v1/vms", request_body = VmSpec, responses(
+    (status = 201, body = Vm), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
+async fn create_vm(State(m): Shared, body: Bytes) -> Result<(StatusCode, Json<Vm>), Failure> {
+    let spec: VmSpec = serde_json::from_slice(&body)
+        .map_err(|e| Failure::bad_request(format!("invalid VM spec: {e}")))?;
+    Ok((StatusCode::CREATED, Json(m.create(spec)?)))
+}
+
+/// One VM.
+#[utoipa::path(get, path = "/v1/vms/{name}", params(("name" = String, Path)), responses(
+    (status = 200, body = Vm), (status = 404, body = ApiError)))]
+async fn get_vm(State(m): Shared, Path(name): Path<String>) -> Result<Json<Vm>, Failure> {
+    Ok(Json(m.get(&name)?))
+}
+
+/// Removes a VM that is not running.
+#[utoipa::path(delete, path = "/v1/vms/{name}", params(("name" = String, Path)), responses(
+    (status = 204), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn delete_vm(State(m): Shared, Path(name): Path<String>) -> Result<StatusCode, Failure> {
+    m.delete(&name)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Starts a VM: 202 with the operation to wait on.
+#[utoipa::path(post, path = "/v1/vms/{name}/start", params(("name" = String, Path)), responses(
+    (status = 202, body = Operation), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn start_vm(
+    State(m): Shared,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<Operation>), Failure> {
+    Ok((StatusCode::ACCEPTED, Json(m.start(&name)?)))
+}
+
+/// How to stop.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct StopParams {
+    /// Kill the VMM at once instead of pressing the power button.
+    #[serde(default)]
+    force: bool,
+    /// Seconds to wait for the guest to shut down before killing it (default 30).
+    timeout: Option<u64>,
+}
+
+/// Stops a VM: the ACPI power button, then a kill after `timeout` seconds; or a kill at once.
+#[utoipa::path(post, path = "/v1/vms/{name}/stop", params(("name" = String, Path), StopParams), responses(
+    (status = 202, body = Operation), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn stop_vm(
+    State(m): Shared,
+    Path(name): Path<String>,
+    params: Result<Query<StopParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<(StatusCode, Json<Operation>), Failure> {
+    let Query(params) = params.map_err(|e| Failure::bad_request(e.body_text()))?;
+    let timeout = params.timeout.map_or(DEFAULT_STOP_TIMEOUT, Duration::from_secs);
+    Ok((StatusCode::ACCEPTED, Json(m.stop(&name, params.force, timeout)?)))
+}
+
+/// Restarts a running VM (stop with the power button, then start), or starts a stopped one.
+#[utoipa::path(post, path = "/v1/vms/{name}/restart", params(("name" = String, Path), StopParams), responses(
+    (status = 202, body = Operation), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn restart_vm(
+    State(m): Shared,
+    Path(name): Path<String>,
+    params: Result<Query<StopParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<(StatusCode, Json<Operation>), Failure> {
+    let Query(params) = params.map_err(|e| Failure::bad_request(e.body_text()))?;
+    let timeout = params.timeout.map_or(DEFAULT_STOP_TIMEOUT, Duration::from_secs);
+    Ok((StatusCode::ACCEPTED, Json(m.restart(&name, params.force, timeout)?)))
+}
+
+/// The serial console output of the VM's current (or last) run, as text.
+#[utoipa::path(get, path = "/v1/vms/{name}/console", params(("name" = String, Path)), responses(
+    (status = 200, content_type = "text/plain", body = String), (status = 404, body = ApiError)))]
+async fn console(State(m): Shared, Path(name): Path<String>) -> Result<Response, Failure> {
+    let bytes = m.console(&name)?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], bytes).into_response())
+}
+
+/// Every operation, oldest first.
+#[utoipa::path(get, path = "/v1/operations", responses((status = 200, body = [Operation])))]
+async fn list_operations(State(m): Shared) -> Json<Vec<Operation>> {
+    Json(m.operations())
+}
+
+/// One operation.
+#[utoipa::path(get, path = "/v1/operations/{id}", params(("id" = u64, Path)), responses(
+    (status = 200, body = Operation), (status = 404, body = ApiError)))]
+async fn get_operation(
+    State(m): Shared,
+    Path(id): Path<String>,
+) -> Result<Json<Operation>, Failure> {
+    Ok(Json(m.operation(parse_id(&id)?)?))
+}
+
+fn parse_id(id: &str) -> Result<u64, Failure> {
+    id.parse().map_err(|_| Failure::bad_request(format!("'{id}' is not an operation id")))
+}
+
+/// How long to wait.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct WaitParams {
+    /// Seconds (default 60, at most 600).
+    timeout: Option<u64>,
+}
+
+/// Waits for an operation to finish (or the timeout) and returns it.
+#[utoipa::path(get, path = "/v1/operations/{id}/wait", params(("id" = u64, Path), WaitParams), responses(
+    (status = 200, body = Operation), (status = 404, body = ApiError)))]
+async fn wait_operation(
+    State(m): Shared,
+    Path(id): Path<String>,
+    params: Result<Query<WaitParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Operation>, Failure> {
+    let Query(params) = params.map_err(|e| Failure::bad_request(e.body_text()))?;
+    let timeout = Duration::from_secs(params.timeout.unwrap_or(60).min(600));
+    Ok(Json(m.wait_operation(parse_id(&id)?, timeout).await?))
+}
+
+/// The events stream: one JSON `Event` per line, from now on, until the client hangs up.
+#[utoipa::path(get, path = "/v1/events", responses(
+    (status = 200, content_type = "application/x-ndjson", body = Event)))]
+async fn events(State(m): Shared) -> Response {
+    use futures_util::StreamExt;
+    let stream = tokio_stream::wrappers::BroadcastStream::new(m.subscribe()).filter_map(
+        |event| async move {
+            match event {
+                Ok(event) => serde_json::to_string(&event)
+                    .ok()
+                    .map(|line| Ok::<_, std::io::Error>(Bytes::from(line + "\n"))),
+                // A slow reader missed some: say so in the stream.
+                Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                    let lost = Event {
+                        seq: 0,
+                        time_ms: api::now_ms(),
+                        kind: "events.lost".into(),
+                        vm: None,
+                        operation: None,
+                        message: format!("{n} events were dropped for this slow reader"),
+                    };
+                    serde_json::to_string(&lost).ok().map(|line| Ok(Bytes::from(line + "\n")))
+                }
+            }
+        },
+    );
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response()
+}
+
+fn meminfo(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
+fn vanguard_driver() -> DriverInfo {
+    let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
+    let (available, detail) = match kvm {
+        Err(e) => (false, format!("/dev/kvm: {e}")),
+        Ok(_) if std::path::Path::new("/sys/module/kvm_pvm").exists() => (
+            true,
+            "KVM without hardware virtualization (PVM): guest ring 0 is emulated".to_string(),
+        ),
+        Ok(_) => (true, "KVM".to_string()),
+    };
+    DriverInfo { name: "vanguard".into(), available, detail }
+}
+
+/// The host: capacity, what runs, the hypervisor drivers.
+#[utoipa::path(get, path = "/v1/host", responses((status = 200, body = HostInfo)))]
+async fn host(State(m): Shared) -> Json<HostInfo> {
+    let vms = m.list();
+    let running: Vec<&Vm> = vms.iter().filter(|v| v.status.pid.is_some()).collect();
+    Json(HostInfo {
+        hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .unwrap_or_default()
+            .trim()
+            .into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        cpus: std::thread::available_parallelism()
+            .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX)),
+        memory_total_mib: meminfo("MemTotal:") / 1024,
+        memory_available_mib: meminfo("MemAvailable:") / 1024,
+        vms_defined: vms.len() as u64,
+        vms_running: running.len() as u64,
+        vcpus_running: running.iter().map(|v| u64::from(v.spec.cpus)).sum(),
+        memory_running_mib: running.iter().map(|v| v.spec.memory_mib).sum(),
+        drivers: vec![vanguard_driver()],
+    })
+}
+
+/// Prometheus metrics (text format 0.0.4).
+#[utoipa::path(get, path = "/metrics", responses((status = 200, content_type = "text/plain", body = String)))]
+async fn metrics(State(m): Shared) -> Response {
+    use std::fmt::Write;
+    let vms = m.list();
+    let mut out = String::new();
+    let _ = writeln!(out, "# HELP vanguard_vms VMs defined, by state.\n# TYPE vanguard_vms gauge");
+    for (state, label) in [
+        (VmState::Stopped, "stopped"),
+        (VmState::Starting, "starting"),
+        (VmState::Running, "running"),
+        (VmState::Stopping, "stopping"),
+        (VmState::Failed, "failed"),
+    ] {
+        let n = vms.iter().filter(|v| v.status.state == state).count();
+        let _ = writeln!(out, "vanguard_vms{{state=\"{label}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP vanguard_vm_up Whether the VM's process runs.\n# TYPE vanguard_vm_up gauge"
+    );
+    for vm in &vms {
+        let _ = writeln!(
+            out,
+            "vanguard_vm_up{{vm=\"{}\"}} {}",
+            vm.spec.name,
+            u8::from(vm.status.pid.is_some())
+        );
+    }
+    let _ = writeln!(out, "# HELP vanguard_vm_restarts_total Restarts by the restart policy.\n# TYPE vanguard_vm_restarts_total counter");
+    for vm in &vms {
+        let _ = writeln!(
+            out,
+            "vanguard_vm_restarts_total{{vm=\"{}\"}} {}",
+            vm.spec.name, vm.status.restarts
+        );
+    }
+    let ops = m.operations();
+    let _ = writeln!(out, "# HELP vanguard_operations Operations since the state was created, by state.\n# TYPE vanguard_operations gauge");
+    for (state, label) in [
+        (api::OperationState::Running, "running"),
+        (api::OperationState::Succeeded, "succeeded"),
+        (api::OperationState::Failed, "failed"),
+    ] {
+        let _ = writeln!(
+            out,
+            "vanguard_operations{{state=\"{label}\"}} {}",
+            ops.iter().filter(|o| o.state == state).count()
+        );
+    }
+    let rss = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 4096;
+    let _ = writeln!(out, "# HELP vanguard_daemon_rss_bytes The daemon's resident memory.\n# TYPE vanguard_daemon_rss_bytes gauge\nvanguard_daemon_rss_bytes {rss}");
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}

@@ -1,0 +1,490 @@
+//! The management commands: `vanguard serve` (the host daemon) and the CLI that talks to it
+//! (`vanguard vm ...`, `vanguard host info`): human tables by default, `--output json` for
+//! scripts, the daemon's own message on errors.
+
+use api::client::{Client, ClientError};
+use api::{HostInfo, Operation, OperationState, Vm, VmSpec};
+use clap::{Args, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Where the daemon listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/vanguard/vanguard.sock";
+/// Where the daemon keeps its state unless told otherwise.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/vanguard";
+
+/// `vanguard serve`.
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Where the state database and the VMs' files (console logs) live.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// Where the API listens: unix:PATH (a socket only the daemon's owner may use).
+    #[arg(long, value_name = "unix:PATH", default_value = concat!("unix:", "/run/vanguard/vanguard.sock"), value_parser = parse_listen)]
+    listen: PathBuf,
+}
+
+fn parse_listen(s: &str) -> Result<PathBuf, String> {
+    match s.strip_prefix("unix:") {
+        Some(path) if !path.is_empty() => Ok(PathBuf::from(path)),
+        _ if s.starts_with("tcp:") => {
+            Err("tcp: listeners (TLS and tokens) are not implemented yet; use unix:PATH".into())
+        }
+        _ => Err(format!("invalid listener '{s}': use unix:PATH")),
+    }
+}
+
+/// Options every client command takes.
+#[derive(Args, Clone)]
+pub struct ClientArgs {
+    /// The daemon: unix:PATH (default unix:/run/vanguard/vanguard.sock, or $VANGUARD_REMOTE).
+    #[arg(long, global = true, env = "VANGUARD_REMOTE", value_parser = parse_listen)]
+    remote: Option<PathBuf>,
+    /// How to print results.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+/// How results are printed.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Tables and sentences, for people.
+    Table,
+    /// The API's JSON, for scripts.
+    Json,
+}
+
+/// `vanguard vm ...`.
+#[derive(Subcommand)]
+pub enum VmCommand {
+    /// Define a VM from a spec file (JSON, see docs/api.md) or from flags.
+    Create(CreateArgs),
+    /// List the VMs.
+    List,
+    /// Show one VM: spec and status.
+    Show {
+        /// The VM.
+        name: String,
+    },
+    /// Start a VM (and wait until it runs, unless --no-wait).
+    Start {
+        /// The VM.
+        name: String,
+        /// Return once the operation is accepted.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Stop a VM: the ACPI power button, then a kill after --timeout; --force kills at once.
+    Stop(StopArgs),
+    /// Stop (if running), then start a VM.
+    Restart(StopArgs),
+    /// Remove a VM that is not running.
+    Delete {
+        /// The VM.
+        name: String,
+    },
+    /// Print the serial console output of the VM's current (or last) run.
+    Logs {
+        /// The VM.
+        name: String,
+    },
+}
+
+/// How to stop.
+#[derive(Args)]
+pub struct StopArgs {
+    /// The VM.
+    name: String,
+    /// Kill the VMM at once.
+    #[arg(long)]
+    force: bool,
+    /// Seconds to wait for the guest to shut down before killing it.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
+    /// Return once the operation is accepted.
+    #[arg(long)]
+    no_wait: bool,
+}
+
+/// `vanguard vm create`.
+#[derive(Args)]
+pub struct CreateArgs {
+    /// A spec file (JSON); the flags below are then not allowed.
+    #[arg(long, short = 'f', value_name = "FILE", conflicts_with_all = ["name", "cpus", "memory", "kernel", "initrd", "cmdline", "disk", "restart", "label"])]
+    file: Option<PathBuf>,
+    /// The VM's name.
+    #[arg(required_unless_present = "file")]
+    name: Option<String>,
+    /// vCPUs.
+    #[arg(long)]
+    cpus: Option<u8>,
+    /// Guest memory (512M, 2G; a bare number is MiB).
+    #[arg(long, value_parser = crate::size::parse_size)]
+    memory: Option<u64>,
+    /// A kernel to boot (default: the built-in test guest).
+    #[arg(long)]
+    kernel: Option<String>,
+    /// An initial ramdisk.
+    #[arg(long)]
+    initrd: Option<String>,
+    /// The kernel command line.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// A raw disk image (repeat for more).
+    #[arg(long)]
+    disk: Vec<String>,
+    /// never, on-failure or always.
+    #[arg(long)]
+    restart: Option<String>,
+    /// KEY=VALUE (repeat for more).
+    #[arg(long)]
+    label: Vec<String>,
+    /// Start it once created.
+    #[arg(long)]
+    start: bool,
+}
+
+/// `vanguard host ...`.
+#[derive(Subcommand)]
+pub enum HostCommand {
+    /// The host: capacity, VMs running, hypervisor drivers.
+    Info,
+}
+
+/// Runs `vanguard serve`.
+pub fn serve(args: ServeArgs) -> ExitCode {
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("vanguard: error: cannot find the vanguard binary: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let options = daemon::Options { data_dir: args.data_dir, socket: args.listen, vmm_exe: exe };
+    let ready = || {
+        println!(
+            "vanguard: serving the API on unix:{} (state in {})",
+            options.socket.display(),
+            options.data_dir.display()
+        );
+    };
+    match daemon::serve(&options, ready) {
+        Ok(()) => {
+            println!("vanguard: daemon stopped (the VMs keep running)");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            crate::report(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn client(args: &ClientArgs) -> Client {
+    Client::unix(args.remote.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the client runtime: {e}"))
+}
+
+/// Runs a client command: the result printed, or the error on one line and status 1.
+fn run_client<F: std::future::Future<Output = Result<(), ClientError>>>(f: F) -> ExitCode {
+    let runtime = match runtime() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vanguard: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(f) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vanguard: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_json(value: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+}
+
+fn age(since: Option<u64>) -> String {
+    let Some(since) = since else { return "-".into() };
+    let secs = api::now_secs().saturating_sub(since);
+    match secs {
+        0..=119 => format!("{secs}s"),
+        120..=7199 => format!("{}m", secs / 60),
+        _ => format!("{}h", secs / 3600),
+    }
+}
+
+fn state_name(vm: &Vm) -> String {
+    serde_json::to_value(vm.status.state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn print_vms(vms: &[Vm]) {
+    println!(
+        "{:<24} {:<9} {:>4} {:>8} {:>8} {:>7}",
+        "NAME", "STATE", "CPUS", "MEMORY", "PID", "UPTIME"
+    );
+    for vm in vms {
+        let running = vm.status.pid.is_some();
+        println!(
+            "{:<24} {:<9} {:>4} {:>7}M {:>8} {:>7}",
+            vm.spec.name,
+            state_name(vm),
+            vm.spec.cpus,
+            vm.spec.memory_mib,
+            vm.status.pid.map_or("-".into(), |p| p.to_string()),
+            if running { age(vm.status.started_at) } else { "-".into() },
+        );
+    }
+}
+
+fn print_vm(vm: &Vm) {
+    println!("name:      {}", vm.spec.name);
+    println!("state:     {}", state_name(vm));
+    println!("cpus:      {}", vm.spec.cpus);
+    println!("memory:    {} MiB", vm.spec.memory_mib);
+    let boot = vm.spec.boot.kernel.as_deref().unwrap_or("the built-in test guest");
+    println!("boot:      {boot}");
+    if let Some(cmdline) = &vm.spec.boot.cmdline {
+        println!("cmdline:   {cmdline}");
+    }
+    for (i, disk) in vm.spec.disks.iter().enumerate() {
+        println!("disk{i}:     {}{}", disk.path, if disk.readonly { " (read-only)" } else { "" });
+    }
+    for (i, nic) in vm.spec.nics.iter().enumerate() {
+        println!("nic{i}:      tap {}", nic.tap);
+    }
+    if let Some(pid) = vm.status.pid {
+        println!("pid:       {pid} (up {})", age(vm.status.started_at));
+    }
+    if let Some(exit) = &vm.status.last_exit {
+        println!("last exit: {}", exit.reason);
+    }
+    if vm.status.restarts > 0 {
+        println!("restarts:  {}", vm.status.restarts);
+    }
+    for (k, v) in &vm.spec.labels {
+        println!("label:     {k}={v}");
+    }
+}
+
+/// Follows operation `op` to its end, printing its progress; an error if it failed.
+async fn follow(client: &Client, op: Operation, output: Output) -> Result<(), ClientError> {
+    let mut last = String::new();
+    let mut op = op;
+    loop {
+        if output == Output::Table && op.progress != last && op.state == OperationState::Running {
+            eprintln!("  {}", op.progress);
+            last = op.progress.clone();
+        }
+        if op.state != OperationState::Running {
+            break;
+        }
+        op = client.get(&format!("/v1/operations/{}/wait?timeout=1", op.id)).await?;
+    }
+    if output == Output::Json {
+        print_json(&op);
+    }
+    match op.state {
+        OperationState::Failed => Err(ClientError::Api {
+            status: 200,
+            error: api::ApiError {
+                error: format!(
+                    "operation {} failed: {}",
+                    op.id,
+                    op.error.unwrap_or_else(|| "no reason given".into())
+                ),
+                field: None,
+            },
+        }),
+        _ => {
+            if output == Output::Table {
+                println!("{} {}: {}", format!("{:?}", op.kind).to_lowercase(), op.vm, op.progress);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// What `vm create` sends: the file's spec, or one built from the flags.
+fn spec_of(args: CreateArgs) -> Result<VmSpec, String> {
+    if let Some(file) = &args.file {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+        return serde_json::from_str(&text)
+            .map_err(|e| format!("{}: invalid VM spec: {e}", file.display()));
+    }
+    let mut spec: VmSpec =
+        serde_json::from_value(serde_json::json!({ "name": args.name.unwrap_or_default() }))
+            .map_err(|e| e.to_string())?;
+    if let Some(cpus) = args.cpus {
+        spec.cpus = cpus;
+    }
+    if let Some(memory) = args.memory {
+        spec.memory_mib = memory >> 20;
+    }
+    spec.boot = api::Boot { kernel: args.kernel, initrd: args.initrd, cmdline: args.cmdline };
+    spec.disks = args
+        .disk
+        .into_iter()
+        .map(|path| api::Disk { path, readonly: false, serial: None })
+        .collect();
+    if let Some(restart) = args.restart {
+        spec.restart =
+            serde_json::from_value(serde_json::Value::String(restart.clone())).map_err(|_| {
+                format!("invalid --restart '{restart}': use never, on-failure or always")
+            })?;
+    }
+    for label in args.label {
+        let (k, v) = label
+            .split_once('=')
+            .ok_or_else(|| format!("invalid --label '{label}': use KEY=VALUE"))?;
+        spec.labels.insert(k.into(), v.into());
+    }
+    Ok(spec)
+}
+
+fn local_error(message: String) -> ClientError {
+    ClientError::Api { status: 0, error: api::ApiError { error: message, field: None } }
+}
+
+/// Runs `vanguard vm ...`.
+pub fn vm(command: VmCommand, args: ClientArgs) -> ExitCode {
+    let client = client(&args);
+    let output = args.output;
+    run_client(async move {
+        match command {
+            VmCommand::Create(create) => {
+                let start = create.start;
+                let spec = spec_of(create).map_err(local_error)?;
+                let vm: Vm = client.post("/v1/vms", &spec).await?;
+                if output == Output::Json && !start {
+                    print_json(&vm);
+                } else if output == Output::Table {
+                    println!("created {}", vm.spec.name);
+                }
+                if start {
+                    let op: Operation =
+                        client.post(&format!("/v1/vms/{}/start", vm.spec.name), &()).await?;
+                    follow(&client, op, output).await?;
+                }
+            }
+            VmCommand::List => {
+                let vms: Vec<Vm> = client.get("/v1/vms").await?;
+                if output == Output::Json {
+                    print_json(&vms);
+                } else {
+                    print_vms(&vms);
+                }
+            }
+            VmCommand::Show { name } => {
+                let vm: Vm = client.get(&format!("/v1/vms/{name}")).await?;
+                if output == Output::Json {
+                    print_json(&vm);
+                } else {
+                    print_vm(&vm);
+                }
+            }
+            VmCommand::Start { name, no_wait } => {
+                let op: Operation = client.post(&format!("/v1/vms/{name}/start"), &()).await?;
+                finish(&client, op, no_wait, output).await?;
+            }
+            VmCommand::Stop(stop) => {
+                let path = format!(
+                    "/v1/vms/{}/stop?force={}&timeout={}",
+                    stop.name, stop.force, stop.timeout
+                );
+                let op: Operation = client.post(&path, &()).await?;
+                finish(&client, op, stop.no_wait, output).await?;
+            }
+            VmCommand::Restart(stop) => {
+                let path = format!(
+                    "/v1/vms/{}/restart?force={}&timeout={}",
+                    stop.name, stop.force, stop.timeout
+                );
+                let op: Operation = client.post(&path, &()).await?;
+                finish(&client, op, stop.no_wait, output).await?;
+            }
+            VmCommand::Delete { name } => {
+                client.delete(&format!("/v1/vms/{name}")).await?;
+                if output == Output::Table {
+                    println!("deleted {name}");
+                }
+            }
+            VmCommand::Logs { name } => {
+                let (status, body) =
+                    client.raw("GET", &format!("/v1/vms/{name}/console"), None).await?;
+                if status != 200 {
+                    let error = serde_json::from_slice(&body).unwrap_or_else(|_| api::ApiError {
+                        error: format!("HTTP {status}"),
+                        field: None,
+                    });
+                    return Err(ClientError::Api { status, error });
+                }
+                use std::io::Write;
+                let _ = std::io::stdout().write_all(&body);
+            }
+        }
+        Ok(())
+    })
+}
+
+async fn finish(
+    client: &Client,
+    op: Operation,
+    no_wait: bool,
+    output: Output,
+) -> Result<(), ClientError> {
+    if no_wait {
+        if output == Output::Json {
+            print_json(&op);
+        } else {
+            println!("operation {} accepted", op.id);
+        }
+        return Ok(());
+    }
+    follow(client, op, output).await
+}
+
+/// Runs `vanguard host ...`.
+pub fn host(command: HostCommand, args: ClientArgs) -> ExitCode {
+    let client = client(&args);
+    let output = args.output;
+    run_client(async move {
+        match command {
+            HostCommand::Info => {
+                let host: HostInfo = client.get("/v1/host").await?;
+                if output == Output::Json {
+                    print_json(&host);
+                    return Ok(());
+                }
+                println!("host:     {} (vanguard {})", host.hostname, host.version);
+                println!("cpus:     {}", host.cpus);
+                println!(
+                    "memory:   {} MiB, {} MiB available",
+                    host.memory_total_mib, host.memory_available_mib
+                );
+                println!(
+                    "vms:      {} defined, {} running ({} vCPUs, {} MiB)",
+                    host.vms_defined, host.vms_running, host.vcpus_running, host.memory_running_mib
+                );
+                for driver in &host.drivers {
+                    let state = if driver.available { "available" } else { "unavailable" };
+                    println!("driver:   {} {state}: {}", driver.name, driver.detail);
+                }
+            }
+        }
+        Ok(())
+    })
+}
