@@ -243,7 +243,8 @@ pub struct Event {
     pub time_ms: u64,
     /// `vm.created`, `vm.starting`, `vm.running`, `vm.stopping`, `vm.stopped`, `vm.failed`,
     /// `vm.restarting`, `vm.deleted`, `operation.succeeded`, `operation.failed`,
-    /// `daemon.started`.
+    /// `daemon.started`; `events.subscribed` (first line of every stream) and `events.lost`
+    /// (a slow reader missed some).
     pub kind: String,
     /// The VM concerned, if any.
     pub vm: Option<String>,

@@ -154,6 +154,28 @@ pub fn same_process(pid: u32, start: Option<u64>) -> bool {
     start.is_some() && proc_start_time(pid) == start
 }
 
+/// The live process whose command line writes its serial console to `console` (each VM's
+/// console path is its own), with its start time: how a restarted daemon finds a VMM whose pid
+/// it never got to store.
+pub fn find_by_console(console: &Path) -> Option<(u32, Option<u64>)> {
+    let mut wanted = OsString::from("file:");
+    wanted.push(console);
+    let wanted = wanted.into_encoded_bytes();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        if cmdline.split(|&b| b == 0).any(|arg| arg == wanted.as_slice()) {
+            let start = proc_start_time(pid);
+            if same_process(pid, start) {
+                return Some((pid, start));
+            }
+        }
+    }
+    None
+}
+
 /// Sends `signal` to `pid`.
 pub fn signal(pid: u32, signal: libc::c_int) -> io::Result<()> {
     let pid =

@@ -136,20 +136,38 @@ impl Manager {
             matches!(status.state, VmState::Running | VmState::Starting | VmState::Stopping);
         let mut watch = None;
         if had_process {
-            match status.pid {
+            let console = VmFiles::new(&self.data_dir, &name).console();
+            let found = match status.pid {
                 Some(pid) if driver::same_process(pid, record.proc_start) => {
+                    Some((pid, record.proc_start))
+                }
+                // Killed between starting the process and storing its pid, or the pid
+                // stored belongs to someone else now: look for the VM's own process.
+                _ => driver::find_by_console(&console),
+            };
+            match found {
+                Some((pid, start)) => {
                     status.state = VmState::Running;
+                    status.pid = Some(pid);
+                    status.started_at = status.started_at.or(Some(api::now_secs()));
+                    record.proc_start = start;
                     watch = Some(pid);
                 }
-                _ => {
+                None => {
+                    let reason = if status.state == VmState::Starting {
+                        "the daemon was restarted while the VM was starting"
+                    } else {
+                        "its VMM process ended while the daemon was not running"
+                    };
                     status.state = VmState::Failed;
                     status.pid = None;
                     status.last_exit = Some(ExitInfo {
                         code: None,
                         signal: None,
-                        reason: "its VMM process ended while the daemon was not running".into(),
+                        reason: reason.into(),
                         at: api::now_secs(),
                     });
+                    record.proc_start = None;
                 }
             }
             self.store.put_vm(&record)?;
@@ -306,6 +324,15 @@ impl Manager {
 
     /// Ends operation `id` with `result`, freeing its VM.
     fn finish(&self, id: u64, result: Result<String, String>) {
+        // The VM is free before anyone can see the operation done.
+        let vm = lock(&self.operations).get(&id).map(|op| op.vm.clone());
+        if let Some(vm) = vm {
+            if let Some(entry) = lock(&self.vms).get_mut(&vm) {
+                if entry.busy == Some(id) {
+                    entry.busy = None;
+                }
+            }
+        }
         let mut ops = lock(&self.operations);
         let Some(op) = ops.get_mut(&id) else { return };
         match &result {
@@ -323,11 +350,6 @@ impl Manager {
         drop(ops);
         if let Err(e) = self.store.put_operation(&op) {
             tracing::error!("{e}");
-        }
-        if let Some(entry) = lock(&self.vms).get_mut(&op.vm) {
-            if entry.busy == Some(id) {
-                entry.busy = None;
-            }
         }
         let (kind, message) = match &result {
             Ok(done) => ("operation.succeeded", format!("{:?} {}: {done}", op.kind, op.vm)),
@@ -404,6 +426,9 @@ impl Manager {
             return Err(e.to_string());
         }
         let args = driver::vmm_args(&spec, &files.console());
+        // Stored before the process exists: a daemon killed in between finds the process by
+        // its console path when it comes back.
+        self.update(name, |entry| entry.record.vm.status.state = VmState::Starting);
         self.emit("vm.starting", Some(name), None, "starting");
         let launched = match driver::launch(&self.exe, &args, &files) {
             Ok(launched) => launched,

@@ -238,11 +238,24 @@ async fn wait_operation(
     Ok(Json(m.wait_operation(parse_id(&id)?, timeout).await?))
 }
 
-/// The events stream: one JSON `Event` per line, from now on, until the client hangs up.
+/// The events stream: one JSON `Event` per line, from now on, until the client hangs up. The
+/// first line is an `events.subscribed` event: everything after it is seen.
 #[utoipa::path(get, path = "/v1/events", responses(
     (status = 200, content_type = "application/x-ndjson", body = Event)))]
 async fn events(State(m): Shared) -> Response {
     use futures_util::StreamExt;
+    // The first line says the stream is live: every event after it will be seen.
+    let hello = Event {
+        seq: 0,
+        time_ms: api::now_ms(),
+        kind: "events.subscribed".into(),
+        vm: None,
+        operation: None,
+        message: "events from here on".into(),
+    };
+    let first = serde_json::to_string(&hello).unwrap_or_default() + "\n";
+    let first =
+        futures_util::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(first)) });
     let stream = tokio_stream::wrappers::BroadcastStream::new(m.subscribe()).filter_map(
         |event| async move {
             match event {
@@ -264,7 +277,8 @@ async fn events(State(m): Shared) -> Response {
             }
         },
     );
-    ([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response()
+    let body = Body::from_stream(first.chain(stream));
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
 }
 
 fn meminfo(key: &str) -> u64 {

@@ -1,0 +1,580 @@
+//! `vanguard serve` end to end: the real daemon, the real CLI, real VMs (the test guest on
+//! Vanguard's VMM, under KVM). Each test has its own data directory and socket; its guard
+//! kills the daemon and every VMM process of that data directory, whatever happens.
+//!
+//! The guests run the test guest's `powerbutton` scenario: they wait (polling) for the ACPI
+//! power button, so a graceful stop ends them with exit status 0.
+
+mod common;
+
+use api::client::{Client, ClientError};
+use api::{Event, Operation, OperationState, Vm, VmState};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const GUEST: &str = "console=ttyS0 powerbutton";
+
+/// A daemon on a data directory of its own.
+struct Daemon {
+    child: Option<Child>,
+    dir: common::TempDir,
+}
+
+impl Daemon {
+    fn start() -> Daemon {
+        let dir = common::TempDir::new("daemon");
+        let mut daemon = Daemon { child: None, dir };
+        daemon.spawn();
+        daemon
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("api.sock")
+    }
+
+    /// Starts `vanguard serve` and waits until its socket answers.
+    fn spawn(&mut self) {
+        let _ = std::fs::remove_file(self.socket());
+        let listen = format!("unix:{}", self.socket().display());
+        let child = Command::new(common::BIN)
+            .args(["serve", "--data-dir"])
+            .arg(self.data())
+            .args(["--listen", &listen])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start vanguard serve");
+        self.child = Some(child);
+        let start = Instant::now();
+        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(20), "the daemon did not come up");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL to the daemon (its VMs keep running).
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::unix(self.socket())
+    }
+
+    /// `vanguard ARGS` against this daemon.
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(common::BIN)
+            .args(args)
+            .env("VANGUARD_REMOTE", format!("unix:{}", self.socket().display()))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run the CLI")
+    }
+}
+
+/// The pids of the VMM processes whose command line names `data` (their console is there).
+fn vmm_pids(data: &Path) -> Vec<u32> {
+    let needle = data.to_string_lossy().into_owned();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if text.contains(" run ") && text.contains(&needle) {
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            if !stat.contains(") Z") {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+        for pid in vmm_pids(&self.data()) {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(i32::try_from(pid).unwrap_or(0), libc::SIGKILL) };
+        }
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+/// A runtime whose spawned tasks run in the background.
+fn multi_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+fn spec(name: &str) -> serde_json::Value {
+    serde_json::json!({ "name": name, "memory_mib": 64, "boot": { "cmdline": GUEST } })
+}
+
+async fn wait_op(client: &Client, op: &Operation) -> Operation {
+    let done: Operation =
+        client.get(&format!("/v1/operations/{}/wait?timeout=60", op.id)).await.unwrap();
+    assert_ne!(done.state, OperationState::Running, "operation {} did not finish", op.id);
+    done
+}
+
+fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z"))
+}
+
+async fn status_code(
+    client: &Client,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let (status, bytes) =
+        client.raw(method, path, body.map(|b| b.as_bytes().to_vec())).await.unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+}
+
+/// Create, start, stop (power button), start, stop --force, delete; through the CLI and the
+/// API, with the events stream watching.
+#[test]
+fn lifecycle_through_the_cli_and_the_api() {
+    if !common::kvm_available() {
+        return;
+    }
+    let daemon = Daemon::start();
+    let client = daemon.client();
+    let rt = multi_thread();
+    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Event>::new()));
+    let sink = events.clone();
+    let watcher = client.clone();
+    let watch = rt.spawn(async move {
+        let _ = watcher
+            .lines("/v1/events", |line| {
+                sink.lock().unwrap().push(serde_json::from_str(line).expect("an event per line"));
+                true
+            })
+            .await;
+    });
+    let start = Instant::now();
+    while events.lock().unwrap().is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(10), "the events stream did not start");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(events.lock().unwrap()[0].kind, "events.subscribed");
+
+    let file = daemon.dir.file("web.json", spec("web").to_string().as_bytes());
+    let out = daemon.cli(&["vm", "create", "-f", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "created web");
+
+    let out = daemon.cli(&["vm", "start", "web"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "start web: running");
+    let vm: Vm = rt.block_on(client.get("/v1/vms/web")).unwrap();
+    assert_eq!(vm.status.state, VmState::Running);
+    let pid = vm.status.pid.expect("a pid");
+    assert!(pid_alive(pid));
+    assert_eq!(vmm_pids(&daemon.data()), vec![pid], "exactly one VMM, the one shown");
+
+    let out = daemon.cli(&["vm", "list"]);
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(table.lines().next().unwrap().starts_with("NAME"), "{table}");
+    assert!(table.contains("web") && table.contains("running") && table.contains(&pid.to_string()));
+    let out = daemon.cli(&["vm", "show", "web", "--output", "json"]);
+    let shown: Vm = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(shown.status.pid, Some(pid));
+
+    // The guest is up: its console says it waits for the button.
+    let start = Instant::now();
+    loop {
+        let out = daemon.cli(&["vm", "logs", "web"]);
+        if String::from_utf8_lossy(&out.stdout).contains("powerbutton: waiting") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no console output");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Graceful stop: the guest sees the button and powers off (exit status 0).
+    let out = daemon.cli(&["vm", "stop", "web", "--timeout", "20"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "stop web: the guest shut down");
+    let vm: Vm = rt.block_on(client.get("/v1/vms/web")).unwrap();
+    assert_eq!(vm.status.state, VmState::Stopped);
+    assert_eq!(vm.status.pid, None);
+    let exit = vm.status.last_exit.expect("exit info");
+    assert_eq!(exit.code, Some(0), "{exit:?}");
+    assert!(!pid_alive(pid));
+    let console = String::from_utf8_lossy(&daemon.cli(&["vm", "logs", "web"]).stdout).to_string();
+    assert!(console.contains("powerbutton: pressed"), "{console}");
+
+    // Again, and this time killed.
+    let op: Operation = rt.block_on(client.post("/v1/vms/web/start", &())).unwrap();
+    assert_eq!(rt.block_on(wait_op(&client, &op)).state, OperationState::Succeeded);
+    let op: Operation = rt.block_on(client.post("/v1/vms/web/stop?force=true", &())).unwrap();
+    let done = rt.block_on(wait_op(&client, &op));
+    assert_eq!((done.state, done.progress.as_str()), (OperationState::Succeeded, "killed"));
+    let vm: Vm = rt.block_on(client.get("/v1/vms/web")).unwrap();
+    assert_eq!(vm.status.state, VmState::Stopped, "a requested kill is a stop, not a failure");
+    assert_eq!(vm.status.last_exit.unwrap().signal, Some(libc::SIGKILL));
+
+    let out = daemon.cli(&["vm", "delete", "web"]);
+    assert!(out.status.success());
+    let out = daemon.cli(&["vm", "show", "web"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "vanguard: error: no VM named 'web'");
+    assert!(!daemon.data().join("vms/web").exists(), "its files are gone");
+
+    // What the stream saw, in order.
+    std::thread::sleep(Duration::from_millis(100));
+    watch.abort();
+    let kinds: Vec<String> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.vm.as_deref() == Some("web"))
+        .map(|e| e.kind.clone())
+        .collect();
+    let expected = [
+        "vm.created",
+        "vm.starting",
+        "vm.running",
+        "operation.succeeded",
+        "vm.stopping",
+        "vm.stopped",
+        "operation.succeeded",
+        "vm.starting",
+        "vm.running",
+        "operation.succeeded",
+        "vm.stopping",
+        "vm.stopped",
+        "operation.succeeded",
+        "vm.deleted",
+    ];
+    assert_eq!(kinds, expected);
+}
+
+/// Malformed and conflicting requests: JSON errors with the right status, nothing changed.
+#[test]
+fn bad_requests_get_clear_json_errors() {
+    if !common::kvm_available() {
+        return;
+    }
+    let daemon = Daemon::start();
+    let client = daemon.client();
+    rt().block_on(async {
+        for (body, field, words) in [
+            ("{", None, "invalid VM spec: EOF"),
+            (r#"{"name": "a", "memroy_mib": 1}"#, None, "unknown field `memroy_mib`"),
+            (r#"{"name": "A"}"#, Some("name"), "lowercase"),
+            (r#"{"name": "a", "memory_mib": 1}"#, Some("memory_mib"), "16 to"),
+            (
+                r#"{"name": "a", "disks": [{"path": "/no/such.img"}]}"#,
+                Some("disks[0].path"),
+                "No such file",
+            ),
+            (r#"{"name": "a", "boot": {"kernel": "rel/path"}}"#, Some("boot.kernel"), "absolute"),
+        ] {
+            let (status, error) = status_code(&client, "POST", "/v1/vms", Some(body)).await;
+            assert_eq!(status, 400, "{body}: {error}");
+            assert_eq!(error["field"].as_str(), field, "{body}: {error}");
+            assert!(error["error"].as_str().unwrap().contains(words), "{body}: {error}");
+        }
+        let vms: Vec<Vm> = client.get("/v1/vms").await.unwrap();
+        assert!(vms.is_empty(), "nothing was created");
+
+        assert_eq!(status_code(&client, "GET", "/v1/vms/nope", None).await.0, 404);
+        assert_eq!(status_code(&client, "POST", "/v1/vms/nope/start", None).await.0, 404);
+        assert_eq!(status_code(&client, "GET", "/v1/nothing", None).await.0, 404);
+        assert_eq!(status_code(&client, "GET", "/v1/operations/99", None).await.0, 404);
+        assert_eq!(status_code(&client, "GET", "/v1/operations/x", None).await.0, 400);
+        assert_eq!(status_code(&client, "PUT", "/v1/vms", None).await.0, 405);
+        let (status, error) =
+            status_code(&client, "POST", "/v1/vms/x/stop?force=maybe", None).await;
+        assert_eq!(status, 400, "{error}");
+
+        let _: Vm = client.post("/v1/vms", &spec("a")).await.unwrap();
+        let (status, error) =
+            status_code(&client, "POST", "/v1/vms", Some(&spec("a").to_string())).await;
+        assert_eq!((status, error["error"].as_str()), (409, Some("a VM named 'a' exists")));
+        let (status, _) = status_code(&client, "POST", "/v1/vms/a/stop", None).await;
+        assert_eq!(status, 409, "not running");
+        let op: Operation = client.post("/v1/vms/a/start", &()).await.unwrap();
+        // While the start is under way, or once it runs: another start conflicts.
+        let (status, error) = status_code(&client, "POST", "/v1/vms/a/start", None).await;
+        assert_eq!(status, 409, "{error}");
+        assert_eq!(wait_op(&client, &op).await.state, OperationState::Succeeded);
+        let (status, error) = status_code(&client, "DELETE", "/v1/vms/a", None).await;
+        assert_eq!((status, error["error"].as_str()), (409, Some("'a' is running: stop it first")));
+        let op: Operation = client.post("/v1/vms/a/stop?force=true", &()).await.unwrap();
+        wait_op(&client, &op).await;
+        assert_eq!(status_code(&client, "DELETE", "/v1/vms/a", None).await.0, 204);
+    });
+
+    // The CLI says what the API said, on one line.
+    let out = daemon.cli(&["vm", "create", "Bad"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "vanguard: error: name: may hold only lowercase letters, digits and '-'"
+    );
+    let out = Command::new(common::BIN)
+        .args(["vm", "list", "--remote", "unix:/nonexistent/vanguard.sock"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .starts_with("vanguard: error: cannot reach the daemon at /nonexistent/vanguard.sock"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// kill -9 of the daemon: one VM running, another being started at that moment. The new
+/// daemon's view matches the processes: the running one is found again (and stops), the
+/// interrupted operation is failed, and no VMM runs that the daemon does not show.
+#[test]
+fn a_daemon_killed_mid_operation_comes_back_matching_reality() {
+    if !common::kvm_available() {
+        return;
+    }
+    let mut daemon = Daemon::start();
+    let client = daemon.client();
+    let rt = rt();
+    let (pid, op) = rt.block_on(async {
+        let _: Vm = client.post("/v1/vms", &spec("steady")).await.unwrap();
+        let _: Vm = client.post("/v1/vms", &spec("mid")).await.unwrap();
+        let op: Operation = client.post("/v1/vms/steady/start", &()).await.unwrap();
+        wait_op(&client, &op).await;
+        let vm: Vm = client.get("/v1/vms/steady").await.unwrap();
+        let mid: Operation = client.post("/v1/vms/mid/start", &()).await.unwrap();
+        (vm.status.pid.unwrap(), mid)
+    });
+    daemon.kill9();
+    assert!(pid_alive(pid), "the VM outlives its daemon");
+    daemon.spawn();
+    rt.block_on(async {
+        let vm: Vm = client.get("/v1/vms/steady").await.unwrap();
+        assert_eq!((vm.status.state, vm.status.pid), (VmState::Running, Some(pid)));
+        let op: Operation = client.get(&format!("/v1/operations/{}", op.id)).await.unwrap();
+        assert_ne!(op.state, OperationState::Running, "{op:?}");
+        // The interrupted start: whatever the daemon says, the processes agree.
+        let mid: Vm = client.get("/v1/vms/mid").await.unwrap();
+        let mut shown: Vec<u32> = [Some(pid), mid.status.pid].into_iter().flatten().collect();
+        shown.sort_unstable();
+        let mut real = vmm_pids(&daemon.data());
+        real.sort_unstable();
+        assert_eq!(shown, real, "mid: {:?}", mid.status);
+
+        // The found-again VM stops through the new daemon (its exit status is unknown now).
+        let stop: Operation = client.post("/v1/vms/steady/stop?timeout=20", &()).await.unwrap();
+        let done = wait_op(&client, &stop).await;
+        assert_eq!(done.state, OperationState::Succeeded, "{done:?}");
+        let vm: Vm = client.get("/v1/vms/steady").await.unwrap();
+        assert_eq!(vm.status.state, VmState::Stopped);
+        assert!(vm.status.last_exit.unwrap().reason.contains("unknown"));
+        assert!(!pid_alive(pid));
+    });
+}
+
+/// A VMM killed behind the daemon's back: failed (with the signal), and restarted when the
+/// policy says so.
+#[test]
+fn a_vmm_killed_behind_the_daemons_back_fails_and_restarts_by_policy() {
+    if !common::kvm_available() {
+        return;
+    }
+    let daemon = Daemon::start();
+    let client = daemon.client();
+    rt().block_on(async {
+        let mut keep = spec("keep");
+        keep["restart"] = "on-failure".into();
+        let _: Vm = client.post("/v1/vms", &keep).await.unwrap();
+        let _: Vm = client.post("/v1/vms", &spec("once")).await.unwrap();
+        for name in ["keep", "once"] {
+            let op: Operation = client.post(&format!("/v1/vms/{name}/start"), &()).await.unwrap();
+            wait_op(&client, &op).await;
+        }
+        let pids: Vec<u32> = futures_pids(&client, &["keep", "once"]).await;
+        for pid in &pids {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(i32::try_from(*pid).unwrap(), libc::SIGKILL) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let once: Vm = client.get("/v1/vms/once").await.unwrap();
+            let keep: Vm = client.get("/v1/vms/keep").await.unwrap();
+            if once.status.state == VmState::Failed
+                && keep.status.restarts == 1
+                && keep.status.state == VmState::Running
+            {
+                let exit = once.status.last_exit.unwrap();
+                assert_eq!(exit.signal, Some(libc::SIGKILL));
+                assert!(exit.reason.contains("killed by signal 9"), "{}", exit.reason);
+                let new_pid = keep.status.pid.unwrap();
+                assert_ne!(new_pid, pids[0]);
+                assert!(pid_alive(new_pid));
+                break;
+            }
+            assert!(Instant::now() < deadline, "once: {:?}\nkeep: {:?}", once.status, keep.status);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+}
+
+async fn futures_pids(client: &Client, names: &[&str]) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for name in names {
+        let vm: Vm = client.get(&format!("/v1/vms/{name}")).await.unwrap();
+        pids.push(vm.status.pid.unwrap());
+    }
+    pids
+}
+
+/// 50 VMs created and started at once through the API; all run, each its own process.
+#[test]
+fn fifty_vms_start_concurrently() {
+    if !common::kvm_available() {
+        return;
+    }
+    let daemon = Daemon::start();
+    let client = daemon.client();
+    multi_thread().block_on(async {
+        let names: Vec<String> = (0..50).map(|i| format!("vm-{i:02}")).collect();
+        let mut tasks = Vec::new();
+        for name in &names {
+            let (client, name) = (client.clone(), name.clone());
+            tasks.push(tokio::spawn(async move {
+                let _: Vm = client.post("/v1/vms", &spec(&name)).await?;
+                let op: Operation = client.post(&format!("/v1/vms/{name}/start"), &()).await?;
+                Ok::<_, ClientError>(wait_op(&client, &op).await)
+            }));
+        }
+        for task in tasks {
+            let op = task.await.unwrap().unwrap();
+            assert_eq!(op.state, OperationState::Succeeded, "{op:?}");
+        }
+        let vms: Vec<Vm> = client.get("/v1/vms").await.unwrap();
+        assert_eq!(vms.len(), 50);
+        let mut pids: Vec<u32> = vms.iter().map(|v| v.status.pid.expect("running")).collect();
+        pids.sort_unstable();
+        pids.dedup();
+        assert_eq!(pids.len(), 50);
+        let mut real = vmm_pids(&daemon.data());
+        real.sort_unstable();
+        assert_eq!(pids, real);
+        let mut stops = Vec::new();
+        for name in &names {
+            let client = client.clone();
+            let name = name.clone();
+            stops.push(tokio::spawn(async move {
+                let op: Operation =
+                    client.post(&format!("/v1/vms/{name}/stop?force=true"), &()).await.unwrap();
+                wait_op(&client, &op).await
+            }));
+        }
+        for stop in stops {
+            assert_eq!(stop.await.unwrap().state, OperationState::Succeeded);
+        }
+        assert!(vmm_pids(&daemon.data()).is_empty());
+    });
+}
+
+/// Every response kind checked against the OpenAPI document the daemon serves, by Python's
+/// jsonschema (a validator that is not ours).
+#[test]
+fn responses_match_the_served_openapi_document() {
+    if !common::kvm_available() {
+        return;
+    }
+    let python_ok = Command::new("python3")
+        .args(["-c", "import jsonschema"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !python_ok {
+        if common::env_flag("VANGUARD_REQUIRE_TOOLS") {
+            panic!(
+                "python3 with jsonschema (python3-jsonschema) is needed; VANGUARD_REQUIRE_TOOLS=1"
+            );
+        }
+        println!("skipping: no python3 jsonschema (Debian package python3-jsonschema)");
+        return;
+    }
+    let daemon = Daemon::start();
+    let client = daemon.client();
+    let samples = rt().block_on(async {
+        let mut samples = Vec::new();
+        let mut take = |schema: &str, value: serde_json::Value| {
+            samples.push(serde_json::json!({ "schema": schema, "value": value }));
+        };
+        let (_, doc) = status_code(&client, "GET", "/openapi.json", None).await;
+        let mut full = spec("doc");
+        full["labels"] = serde_json::json!({"tier": "web"});
+        full["restart"] = "always".into();
+        let (status, vm) = status_code(&client, "POST", "/v1/vms", Some(&full.to_string())).await;
+        assert_eq!(status, 201);
+        take("Vm", vm);
+        take("VmSpec", full);
+        let (_, op) = status_code(&client, "POST", "/v1/vms/doc/start", None).await;
+        take("Operation", op.clone());
+        let (_, done) =
+            status_code(&client, "GET", &format!("/v1/operations/{}/wait", op["id"]), None).await;
+        take("Operation", done);
+        let (_, running) = status_code(&client, "GET", "/v1/vms/doc", None).await;
+        take("Vm", running);
+        let (_, host) = status_code(&client, "GET", "/v1/host", None).await;
+        take("HostInfo", host);
+        let (_, stop) = status_code(&client, "POST", "/v1/vms/doc/stop?force=true", None).await;
+        let (_, stopped) =
+            status_code(&client, "GET", &format!("/v1/operations/{}/wait", stop["id"]), None).await;
+        take("Operation", stopped);
+        let (_, after) = status_code(&client, "GET", "/v1/vms/doc", None).await;
+        take("Vm", after);
+        for (method, path, body) in [
+            ("POST", "/v1/vms", Some(r#"{"name": "A"}"#)),
+            ("GET", "/v1/vms/none", None),
+            ("POST", "/v1/vms/doc/stop", None),
+            ("PUT", "/v1/host", None),
+        ] {
+            let (_, error) = status_code(&client, method, path, body).await;
+            take("ApiError", error);
+        }
+        (doc, samples)
+    });
+    let input = serde_json::json!({ "doc": samples.0, "samples": samples.1 });
+    let script = common::repo_root().join("crates/vanguard/tests/openapi_check.py");
+    let mut child = Command::new("python3")
+        .arg(&script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(input.to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("12 responses valid"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
