@@ -500,7 +500,8 @@ fn responses_match_the_served_openapi_document() {
     if !common::kvm_available() {
         return;
     }
-    let python_ok = Command::new("python3")
+    let python = std::env::var("VANGUARD_PYTHON").unwrap_or_else(|_| "python3".into());
+    let python_ok = Command::new(&python)
         .args(["-c", "import jsonschema"])
         .output()
         .is_ok_and(|o| o.status.success());
@@ -556,7 +557,7 @@ fn responses_match_the_served_openapi_document() {
     });
     let input = serde_json::json!({ "doc": samples.0, "samples": samples.1 });
     let script = common::repo_root().join("crates/vanguard/tests/openapi_check.py");
-    let mut child = Command::new("python3")
+    let mut child = Command::new(&python)
         .arg(&script)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
