@@ -114,23 +114,63 @@ pub struct Launched {
     pub proc_start: Option<u64>,
     /// The child, to wait on.
     pub child: tokio::process::Child,
+    /// The read end of its ready pipe: one byte once every vCPU runs, or the end of the
+    /// stream if the process ends first.
+    pub ready: tokio::net::unix::pipe::Receiver,
 }
 
-/// Starts `exe` with `args` for the VM whose files are `files`.
+/// The descriptor number the VMM gets its ready pipe on (`vanguard run --ready-fd 3`).
+const READY_FD: i32 = 3;
+
+/// Starts `exe` with `args` (plus `--ready-fd`) for the VM whose files are `files`.
 pub fn launch(exe: &Path, args: &[OsString], files: &VmFiles) -> io::Result<Launched> {
     std::fs::create_dir_all(&files.dir)?;
     let log = OpenOptions::new().create(true).append(true).open(files.vmm_log())?;
+    // Both ends close-on-exec: the child gets its end as descriptor 3 (dup2 clears the flag
+    // on the copy only), so VMMs started at the same time never inherit each other's pipes.
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors into the array, which has room for them.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 just returned these two descriptors; each is owned once, here.
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let write_raw = std::os::fd::AsRawFd::as_raw_fd(&write_end);
     let mut command = tokio::process::Command::new(exe);
     command
         .args(args)
+        .arg("--ready-fd")
+        .arg(READY_FD.to_string())
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .process_group(0)
         .kill_on_drop(false);
+    // SAFETY: between fork and exec the closure only calls dup2, which is async-signal-safe,
+    // on a descriptor that stays open in the parent until spawn returns.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::dup2(write_raw, READY_FD) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let child = command.spawn()?;
+    // The parent's copy of the write end goes, so the read end sees the end of the stream
+    // when the child's copy closes (written and closed, or the process gone).
+    drop(write_end);
     let pid = child.id().ok_or_else(|| io::Error::other("the VMM exited at once"))?;
-    Ok(Launched { pid, proc_start: proc_start_time(pid), child })
+    let ready = tokio::net::unix::pipe::Receiver::from_owned_fd(read_end)?;
+    Ok(Launched { pid, proc_start: proc_start_time(pid), child, ready })
+}
+
+/// Waits for the ready byte on `ready`: true if it came, false if the stream ended first.
+pub async fn wait_ready(ready: &mut tokio::net::unix::pipe::Receiver) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut byte = [0u8; 1];
+    matches!(ready.read(&mut byte).await, Ok(1))
 }
 
 /// Field 22 of /proc/PID/stat (the start time in clock ticks since boot), which with the pid

@@ -24,8 +24,8 @@ use tokio::sync::{broadcast, Notify};
 
 /// How long a graceful stop waits for the guest before the VMM is killed, by default.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a start watches the new process for an early failure.
-const START_GRACE: Duration = Duration::from_millis(150);
+/// How long a start waits for the VMM to report its vCPUs running.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Delay before the restart policy starts a VM again.
 const RESTART_DELAY: Duration = Duration::from_secs(1);
 
@@ -391,18 +391,39 @@ impl Manager {
     async fn run_start(self: &Arc<Self>, name: &str, op: u64) -> Result<String, String> {
         self.progress(op, "starting the VMM process");
         let generation = self.launch(name)?;
-        // An early failure (a bad kernel, no KVM) shows within milliseconds.
-        tokio::time::sleep(START_GRACE).await;
-        let vm = self.get(name).map_err(|e| e.error.error)?;
-        let current = lock(&self.vms).get(name).map(|e| e.generation) == Some(generation);
-        match (vm.status.state, current) {
-            (VmState::Running, true) => Ok("running".into()),
-            (VmState::Stopped, true) => Ok("started; the guest has already powered off".into()),
-            _ => Err(vm
-                .status
-                .last_exit
-                .map(|exit| exit.reason)
-                .unwrap_or_else(|| "the VM did not start".into())),
+        self.progress(op, "waiting for the VM's vCPUs to run");
+        // The VMM says when every vCPU runs (its ready pipe); a VMM that fails first ends.
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        loop {
+            let notified = self.changed.notified();
+            let (vm, current) = {
+                let vms = lock(&self.vms);
+                let entry = vms.get(name).ok_or_else(|| format!("'{name}' was deleted"))?;
+                (entry.record.vm.clone(), entry.generation == generation)
+            };
+            match (vm.status.state, current) {
+                (VmState::Running, true) => return Ok("running".into()),
+                (VmState::Stopped, true) => {
+                    return Ok("started; the guest has already powered off".into())
+                }
+                (VmState::Starting, true) => {}
+                _ => {
+                    return Err(vm
+                        .status
+                        .last_exit
+                        .map(|exit| exit.reason)
+                        .unwrap_or_else(|| "the VM did not start".into()))
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                if let Some(pid) = vm.status.pid {
+                    let _ = driver::signal(pid, libc::SIGKILL);
+                }
+                return Err(format!(
+                    "the VMM did not report its vCPUs running within {}s; killed",
+                    START_TIMEOUT.as_secs()
+                ));
+            }
         }
     }
 
@@ -454,17 +475,35 @@ impl Manager {
             entry.stop_requested = false;
             entry.record.proc_start = launched.proc_start;
             let status = &mut entry.record.vm.status;
-            status.state = VmState::Running;
             status.pid = Some(launched.pid);
             status.started_at = Some(api::now_secs());
         });
-        self.emit("vm.running", Some(name), None, &format!("VMM process {}", launched.pid));
+        let pid = launched.pid;
         let manager = self.clone();
-        let name = name.to_string();
+        let owned = name.to_string();
         let mut child = launched.child;
         tokio::spawn(async move {
             let status = child.wait().await.ok();
-            manager.process_ended(&name, generation, status);
+            manager.process_ended(&owned, generation, status);
+        });
+        let manager = self.clone();
+        let owned = name.to_string();
+        let mut ready = launched.ready;
+        tokio::spawn(async move {
+            if !driver::wait_ready(&mut ready).await {
+                return; // it ended first: process_ended says how
+            }
+            let mut now_running = false;
+            manager.update(&owned, |entry| {
+                let status = &mut entry.record.vm.status;
+                if entry.generation == generation && status.state == VmState::Starting {
+                    status.state = VmState::Running;
+                    now_running = true;
+                }
+            });
+            if now_running {
+                manager.emit("vm.running", Some(&owned), None, &format!("VMM process {pid}"));
+            }
         });
         Ok(generation)
     }

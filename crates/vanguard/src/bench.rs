@@ -44,6 +44,16 @@ pub enum Bench {
         #[arg(long, default_value = "in-vmm")]
         backend: String,
     },
+    /// The host daemon through its API: create + start latency (p50/p99), VMs started per
+    /// second, the daemon's memory with 100 VMs defined.
+    Api {
+        /// VMs started one after another for the latency figures.
+        #[arg(long, default_value_t = 30)]
+        runs: usize,
+        /// VMs started at once for the rate.
+        #[arg(long, default_value_t = 50)]
+        concurrent: usize,
+    },
     /// All of the above with their defaults.
     All,
 }
@@ -229,6 +239,7 @@ pub fn run(which: Bench) -> Result<(), String> {
             };
             disk(size_mib, ops, &transport, &backends)
         }
+        Bench::Api { runs, concurrent } => crate::bench_api::run(runs, concurrent),
         Bench::All => {
             boot(20)?;
             memory()?;

@@ -1,6 +1,7 @@
 //! `vanguard`: the command-line entry point of the Vanguard virtualization platform.
 
 mod bench;
+mod bench_api;
 mod manage;
 mod size;
 
@@ -167,6 +168,10 @@ struct RunArgs {
     /// connections to host port P go to the socket PATH_P. Numbered after the entropy device.
     #[arg(long, value_parser = parse_vsock)]
     vsock: Option<vmm::VsockConfig>,
+    /// For supervisors (the daemon): an inherited descriptor to write one byte to, and close,
+    /// once every vCPU runs.
+    #[arg(long, hide = true, value_name = "FD")]
+    ready_fd: Option<i32>,
 }
 
 fn parse_vsock(s: &str) -> Result<vmm::VsockConfig, String> {
@@ -387,6 +392,7 @@ fn run(args: RunArgs, start: Instant) -> Result<VmOutcome, vmm::VmmError> {
     };
     config.disks = args.disk;
     config.nets = args.net;
+    config.ready_fd = args.ready_fd;
     config.start_time = start;
     // Raw mode only for a console on a terminal; restored when `_raw` drops.
     let _raw = if config.serial == SerialOutput::Stdio {

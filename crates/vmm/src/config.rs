@@ -75,6 +75,10 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// A virtio-vsock device, numbered after the entropy device.
     pub vsock: Option<VsockConfig>,
+    /// A descriptor (a pipe from whoever started this process) to write one byte to, and
+    /// close, once the VM is built and every vCPU thread runs: how a supervisor tells a
+    /// running VM from one that failed to start, without guessing from time.
+    pub ready_fd: Option<i32>,
 }
 
 /// A virtio-vsock device whose host side is a Unix socket (Firecracker's convention).
@@ -168,6 +172,7 @@ impl VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             vsock: None,
+            ready_fd: None,
         }
     }
 }

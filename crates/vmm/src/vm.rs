@@ -204,6 +204,18 @@ fn install_sigterm_handler() {
     });
 }
 
+/// Writes one byte to `fd` and closes it ([`VmConfig::ready_fd`]); a supervisor that has gone
+/// away (EPIPE) or a bad descriptor changes nothing for the VM.
+fn signal_ready(fd: i32) {
+    // SAFETY: the byte is a valid one-byte buffer for the call; `fd` was handed to this process
+    // for this purpose only and nothing else uses it, so closing it after the write is ours
+    // to do. Errors are ignored: the VM runs either way.
+    unsafe {
+        let _ = libc::write(fd, b"R".as_ptr().cast(), 1);
+        libc::close(fd);
+    }
+}
+
 fn serial_writer(out: &SerialOutput) -> Result<Box<dyn std::io::Write + Send>, VmmError> {
     Ok(match out {
         SerialOutput::Stdio => Box::new(std::io::stdout()),
@@ -502,6 +514,9 @@ impl Vm {
             threads.push(handle);
         }
         drop(tx);
+        if let Some(fd) = config.ready_fd {
+            signal_ready(fd);
+        }
 
         // The first report decides the outcome; then every vCPU is stopped. Meanwhile a
         // SIGTERM presses the power button, as a host shutting down would.
