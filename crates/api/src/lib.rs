@@ -41,6 +41,9 @@ pub struct VmSpec {
     /// A virtio-vsock device.
     #[serde(default)]
     pub vsock: Option<Vsock>,
+    /// Resource limits the kernel enforces on the VM's process (its cgroup).
+    #[serde(default)]
+    pub limits: Limits,
     /// What the daemon does when the VM's process ends without being asked to.
     #[serde(default)]
     pub restart: RestartPolicy,
@@ -106,6 +109,22 @@ pub struct Vsock {
     pub cid: u32,
     /// The host-side Unix socket (an absolute path).
     pub socket: String,
+}
+
+/// Limits on a VM's whole process (vCPUs, device threads, the VMM itself), enforced by the
+/// kernel through the cgroup the daemon puts it in.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// CPU time, in percent of one host CPU (50: half a CPU; 200: two CPUs), 1 to 25600.
+    #[serde(default)]
+    pub cpu_quota_percent: Option<u32>,
+    /// CPU weight against other VMs when CPUs are contended, 1 to 10000 (default 100).
+    #[serde(default)]
+    pub cpu_weight: Option<u32>,
+    /// Memory (guest RAM and the VMM's own) in MiB; at least `memory_mib` + 16.
+    #[serde(default)]
+    pub memory_max_mib: Option<u64>,
 }
 
 /// What the daemon does when a VM's process ends without being asked to.
@@ -288,6 +307,8 @@ pub struct HostInfo {
     pub memory_running_mib: u64,
     /// The hypervisor drivers.
     pub drivers: Vec<DriverInfo>,
+    /// How VM limits are enforced here: `cgroup v1`, `cgroup v2`, or why they cannot be.
+    pub cgroups: String,
 }
 
 /// Every error the API returns: the HTTP status says what kind, this says what.

@@ -123,6 +123,25 @@ pub fn validate(spec: &VmSpec) -> Result<(), SpecError> {
             return bad(format!("nics[{i}].tap"), format!("TAP '{}' is used twice", nic.tap));
         }
     }
+    let limits = &spec.limits;
+    if let Some(quota) = limits.cpu_quota_percent {
+        if !(1..=25600).contains(&quota) {
+            return bad("limits.cpu_quota_percent", "must be 1 to 25600");
+        }
+    }
+    if let Some(weight) = limits.cpu_weight {
+        if !(1..=10000).contains(&weight) {
+            return bad("limits.cpu_weight", "must be 1 to 10000");
+        }
+    }
+    if let Some(max) = limits.memory_max_mib {
+        if max < spec.memory_mib.saturating_add(16) {
+            return bad(
+                "limits.memory_max_mib",
+                format!("must be at least memory_mib + 16 ({})", spec.memory_mib + 16),
+            );
+        }
+    }
     if let Some(vsock) = &spec.vsock {
         if vsock.cid < 3 || vsock.cid == u32::MAX {
             return bad("vsock.cid", "must be 3 to 4294967294");
@@ -204,6 +223,18 @@ mod tests {
         );
         assert_eq!(field_of(r#"{"name": "a", "vsock": {"cid": 2, "socket": "/s"}}"#), "vsock.cid");
         assert_eq!(field_of(r#"{"name": "a", "labels": {"a b": "c"}}"#), "labels.a b");
+        assert_eq!(
+            field_of(r#"{"name": "a", "limits": {"cpu_quota_percent": 0}}"#),
+            "limits.cpu_quota_percent"
+        );
+        assert_eq!(
+            field_of(r#"{"name": "a", "limits": {"cpu_weight": 10001}}"#),
+            "limits.cpu_weight"
+        );
+        assert_eq!(
+            field_of(r#"{"name": "a", "memory_mib": 256, "limits": {"memory_max_mib": 260}}"#),
+            "limits.memory_max_mib"
+        );
     }
 
     #[test]
@@ -214,6 +245,7 @@ mod tests {
                 "disks": [{"path": "/d.img", "readonly": true, "serial": "root"}],
                 "nics": [{"tap": "tap0", "mac": "52:54:00:00:00:01"}],
                 "vsock": {"cid": 3, "socket": "/run/v.sock"},
+                "limits": {"cpu_quota_percent": 150, "cpu_weight": 200, "memory_max_mib": 4608},
                 "restart": "on-failure", "labels": {"tier": "db"}}"#,
         );
         validate(&s).unwrap();

@@ -122,8 +122,14 @@ pub struct Launched {
 /// The descriptor number the VMM gets its ready pipe on (`vanguard run --ready-fd 3`).
 const READY_FD: i32 = 3;
 
-/// Starts `exe` with `args` (plus `--ready-fd`) for the VM whose files are `files`.
-pub fn launch(exe: &Path, args: &[OsString], files: &VmFiles) -> io::Result<Launched> {
+/// Starts `exe` with `args` (plus `--ready-fd`) for the VM whose files are `files`, in the
+/// cgroups whose `cgroup.procs` files are `cgroups` (see [`crate::cgroup`]).
+pub fn launch(
+    exe: &Path,
+    args: &[OsString],
+    files: &VmFiles,
+    cgroups: Vec<std::ffi::CString>,
+) -> io::Result<Launched> {
     std::fs::create_dir_all(&files.dir)?;
     let log = OpenOptions::new().create(true).append(true).open(files.vmm_log())?;
     // Both ends close-on-exec: the child gets its end as descriptor 3 (dup2 clears the flag
@@ -147,14 +153,15 @@ pub fn launch(exe: &Path, args: &[OsString], files: &VmFiles) -> io::Result<Laun
         .stderr(log)
         .process_group(0)
         .kill_on_drop(false);
-    // SAFETY: between fork and exec the closure only calls dup2, which is async-signal-safe,
-    // on a descriptor that stays open in the parent until spawn returns.
+    // SAFETY: between fork and exec the closure only makes async-signal-safe system calls:
+    // dup2 on a descriptor that stays open in the parent until spawn returns, and the cgroup
+    // writes of `join_in_child` on paths prepared before the fork.
     unsafe {
         command.pre_exec(move || {
             if libc::dup2(write_raw, READY_FD) < 0 {
                 return Err(io::Error::last_os_error());
             }
-            Ok(())
+            crate::cgroup::join_in_child(&cgroups)
         });
     }
     let child = command.spawn()?;

@@ -5,10 +5,12 @@
 //! that only its owner may use.
 //!
 //! - [`store`]: the database.
+//! - [`cgroup`]: each VM's cgroup and its limits.
 //! - [`driver`]: the Vanguard driver (the VMM process of a VM).
 //! - [`manager`]: VMs, operations, events; the state machine.
 //! - [`server`]: the HTTP API.
 
+pub mod cgroup;
 pub mod driver;
 pub mod manager;
 pub mod server;

@@ -77,6 +77,7 @@ struct Entry {
 /// The manager, shared by the API handlers and the tasks it starts.
 pub struct Manager {
     store: Store,
+    cgroups: crate::cgroup::Cgroups,
     exe: PathBuf,
     data_dir: PathBuf,
     vms: Mutex<BTreeMap<String, Entry>>,
@@ -98,6 +99,7 @@ impl Manager {
         let (events, _) = broadcast::channel(1024);
         let manager = Arc::new(Manager {
             store,
+            cgroups: crate::cgroup::Cgroups::detect(std::path::Path::new("/sys/fs/cgroup")),
             exe,
             data_dir,
             vms: Mutex::new(BTreeMap::new()),
@@ -209,6 +211,11 @@ impl Manager {
         lock(&self.vms).values().map(|e| e.record.vm.clone()).collect()
     }
 
+    /// How VM limits are enforced on this host.
+    pub fn cgroups(&self) -> String {
+        self.cgroups.describe()
+    }
+
     /// One VM.
     pub fn get(&self, name: &str) -> Result<Vm, Failure> {
         lock(&self.vms)
@@ -252,6 +259,7 @@ impl Manager {
         vms.remove(name);
         drop(vms);
         let _ = std::fs::remove_dir_all(VmFiles::new(&self.data_dir, name).dir);
+        self.cgroups.remove(name);
         self.emit("vm.deleted", Some(name), None, "deleted");
         Ok(())
     }
@@ -451,10 +459,16 @@ impl Manager {
         // its console path when it comes back.
         self.update(name, |entry| entry.record.vm.status.state = VmState::Starting);
         self.emit("vm.starting", Some(name), None, "starting");
-        let launched = match driver::launch(&self.exe, &args, &files) {
+        let launched = match self
+            .cgroups
+            .prepare(name, &spec.limits)
+            .map_err(|e| format!("cannot set up the VM's cgroup: {e}"))
+            .and_then(|procs| {
+                driver::launch(&self.exe, &args, &files, procs)
+                    .map_err(|e| format!("cannot start {}: {e}", self.exe.display()))
+            }) {
             Ok(launched) => launched,
-            Err(e) => {
-                let reason = format!("cannot start {}: {e}", self.exe.display());
+            Err(reason) => {
                 self.update(name, |entry| {
                     entry.record.vm.status.state = VmState::Failed;
                     entry.record.vm.status.last_exit = Some(ExitInfo {
@@ -554,6 +568,8 @@ impl Manager {
         if stale {
             return;
         }
+        // Empty now; a later start makes it again with the spec's limits then.
+        self.cgroups.remove(name);
         self.emit(if failed { "vm.failed" } else { "vm.stopped" }, Some(name), None, &reason);
         if restart {
             let manager = self.clone();

@@ -322,6 +322,7 @@ async fn host(State(m): Shared) -> Json<HostInfo> {
         vcpus_running: running.iter().map(|v| u64::from(v.spec.cpus)).sum(),
         memory_running_mib: running.iter().map(|v| v.spec.memory_mib).sum(),
         drivers: vec![vanguard_driver()],
+        cgroups: m.cgroups(),
     })
 }
 

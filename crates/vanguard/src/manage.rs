@@ -58,7 +58,7 @@ pub enum Output {
 #[derive(Subcommand)]
 pub enum VmCommand {
     /// Define a VM from a spec file (JSON, see docs/api.md) or from flags.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List the VMs.
     List,
     /// Show one VM: spec and status.
@@ -110,7 +110,7 @@ pub struct StopArgs {
 #[derive(Args)]
 pub struct CreateArgs {
     /// A spec file (JSON); the flags below are then not allowed.
-    #[arg(long, short = 'f', value_name = "FILE", conflicts_with_all = ["name", "cpus", "memory", "kernel", "initrd", "cmdline", "disk", "restart", "label"])]
+    #[arg(long, short = 'f', value_name = "FILE", conflicts_with_all = ["name", "cpus", "memory", "kernel", "initrd", "cmdline", "disk", "restart", "label", "cpu_quota", "cpu_weight", "memory_max"])]
     file: Option<PathBuf>,
     /// The VM's name.
     #[arg(required_unless_present = "file")]
@@ -136,6 +136,15 @@ pub struct CreateArgs {
     /// never, on-failure or always.
     #[arg(long)]
     restart: Option<String>,
+    /// CPU quota in percent of one host CPU (50: half a CPU).
+    #[arg(long, value_name = "PERCENT")]
+    cpu_quota: Option<u32>,
+    /// CPU weight against other VMs (1 to 10000, default 100).
+    #[arg(long)]
+    cpu_weight: Option<u32>,
+    /// Memory limit for the whole VM process (guest RAM and VMM), e.g. 200M.
+    #[arg(long, value_parser = crate::size::parse_size)]
+    memory_max: Option<u64>,
     /// KEY=VALUE (repeat for more).
     #[arg(long)]
     label: Vec<String>,
@@ -265,6 +274,16 @@ fn print_vm(vm: &Vm) {
     for (i, nic) in vm.spec.nics.iter().enumerate() {
         println!("nic{i}:      tap {}", nic.tap);
     }
+    let limits = &vm.spec.limits;
+    if let Some(quota) = limits.cpu_quota_percent {
+        println!("cpu quota: {quota}% of a CPU");
+    }
+    if let Some(weight) = limits.cpu_weight {
+        println!("cpu weight: {weight}");
+    }
+    if let Some(max) = limits.memory_max_mib {
+        println!("memory max: {max} MiB");
+    }
     if let Some(pid) = vm.status.pid {
         println!("pid:       {pid} (up {})", age(vm.status.started_at));
     }
@@ -340,6 +359,11 @@ fn spec_of(args: CreateArgs) -> Result<VmSpec, String> {
         .into_iter()
         .map(|path| api::Disk { path, readonly: false, serial: None })
         .collect();
+    spec.limits = api::Limits {
+        cpu_quota_percent: args.cpu_quota,
+        cpu_weight: args.cpu_weight,
+        memory_max_mib: args.memory_max.map(|m| m >> 20),
+    };
     if let Some(restart) = args.restart {
         spec.restart =
             serde_json::from_value(serde_json::Value::String(restart.clone())).map_err(|_| {
@@ -367,7 +391,7 @@ pub fn vm(command: VmCommand, args: ClientArgs) -> ExitCode {
         match command {
             VmCommand::Create(create) => {
                 let start = create.start;
-                let spec = spec_of(create).map_err(local_error)?;
+                let spec = spec_of(*create).map_err(local_error)?;
                 let vm: Vm = client.post("/v1/vms", &spec).await?;
                 if output == Output::Json && !start {
                     print_json(&vm);
@@ -479,6 +503,7 @@ pub fn host(command: HostCommand, args: ClientArgs) -> ExitCode {
                     "vms:      {} defined, {} running ({} vCPUs, {} MiB)",
                     host.vms_defined, host.vms_running, host.vcpus_running, host.memory_running_mib
                 );
+                println!("limits:   {}", host.cgroups);
                 for driver in &host.drivers {
                     let state = if driver.available { "available" } else { "unavailable" };
                     println!("driver:   {} {state}: {}", driver.name, driver.detail);

@@ -579,3 +579,86 @@ fn responses_match_the_served_openapi_document() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// CPU time of a process (user + system), in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state is field 3, utime 14 and stime 15 (1-based).
+    fields.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
+}
+
+/// A VM whose guest spins (it polls for the power button) is held near its CPU quota by the
+/// kernel, through its cgroup; its memory limit is set there too.
+#[test]
+fn the_cpu_quota_holds_a_busy_guest() {
+    if !common::kvm_available() {
+        return;
+    }
+    if !std::path::Path::new("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists()
+        && !std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+    {
+        assert!(!common::env_flag("VANGUARD_REQUIRE_KVM"), "no cgroup cpu controller here");
+        println!("skipping: no cgroup cpu controller");
+        return;
+    }
+    let daemon = Daemon::start();
+    let client = daemon.client();
+    let name = format!("quota-{}", std::process::id());
+    let pid = rt().block_on(async {
+        let host: api::HostInfo = client.get("/v1/host").await.unwrap();
+        assert!(host.cgroups.starts_with("cgroup v"), "{}", host.cgroups);
+        let mut limited = spec(&name);
+        limited["limits"] = serde_json::json!({ "cpu_quota_percent": 20, "memory_max_mib": 200 });
+        let _: Vm = client.post("/v1/vms", &limited).await.unwrap();
+        let op: Operation = client.post(&format!("/v1/vms/{name}/start"), &()).await.unwrap();
+        assert_eq!(wait_op(&client, &op).await.state, OperationState::Succeeded);
+        let vm: Vm = client.get(&format!("/v1/vms/{name}")).await.unwrap();
+        vm.status.pid.unwrap()
+    });
+    // The process is in its cgroup, with the limits.
+    let v1 = std::path::Path::new("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists();
+    let (cpu_dir, mem_dir) = if v1 {
+        (
+            PathBuf::from(format!("/sys/fs/cgroup/cpu/vanguard/{name}")),
+            PathBuf::from(format!("/sys/fs/cgroup/memory/vanguard/{name}")),
+        )
+    } else {
+        let dir = PathBuf::from(format!("/sys/fs/cgroup/vanguard/{name}"));
+        (dir.clone(), dir)
+    };
+    let procs = std::fs::read_to_string(cpu_dir.join("cgroup.procs")).unwrap();
+    assert!(procs.lines().any(|l| l.trim() == pid.to_string()), "{pid} not in {procs}");
+    if v1 {
+        assert_eq!(
+            std::fs::read_to_string(cpu_dir.join("cpu.cfs_quota_us")).unwrap().trim(),
+            "20000"
+        );
+        let limit = std::fs::read_to_string(mem_dir.join("memory.limit_in_bytes")).unwrap();
+        assert_eq!(limit.trim(), (200u64 << 20).to_string());
+    } else {
+        assert_eq!(
+            std::fs::read_to_string(cpu_dir.join("cpu.max")).unwrap().trim(),
+            "20000 100000"
+        );
+        let limit = std::fs::read_to_string(mem_dir.join("memory.max")).unwrap();
+        assert_eq!(limit.trim(), (200u64 << 20).to_string());
+    }
+    // Over two seconds the spinning guest gets about a fifth of a CPU.
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    std::thread::sleep(Duration::from_millis(300));
+    let (t0, c0) = (Instant::now(), cpu_ticks(pid));
+    std::thread::sleep(Duration::from_secs(2));
+    let used = (cpu_ticks(pid) - c0) as f64 / hz / t0.elapsed().as_secs_f64();
+    assert!((0.10..=0.30).contains(&used), "the VM used {used:.2} CPUs under a 20% quota");
+    println!("a spinning guest under a 20% quota used {:.0}% of a CPU", used * 100.0);
+    rt().block_on(async {
+        let op: Operation =
+            client.post(&format!("/v1/vms/{name}/stop?force=true"), &()).await.unwrap();
+        wait_op(&client, &op).await;
+    });
+    assert!(!cpu_dir.exists(), "the cgroup is removed when the VM stops");
+}
