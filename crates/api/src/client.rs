@@ -39,21 +39,96 @@ pub enum ClientError {
     Decode(String),
 }
 
-/// The daemon at a Unix socket.
-#[derive(Debug, Clone)]
+/// Where the daemon is, and how to reach it.
+#[derive(Clone)]
+enum Transport {
+    Unix(PathBuf),
+    Tls {
+        addr: String,
+        server_name: rustls::pki_types::ServerName<'static>,
+        connector: tokio_rustls::TlsConnector,
+    },
+}
+
+/// A stream to the daemon, plain or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// The daemon, on its Unix socket or a TLS listener.
+#[derive(Clone)]
 pub struct Client {
-    socket: PathBuf,
+    transport: Transport,
+    token: Option<String>,
 }
 
 impl Client {
     /// A client for the daemon listening on `socket`.
     pub fn unix(socket: impl AsRef<Path>) -> Client {
-        Client { socket: socket.as_ref().to_path_buf() }
+        Client { transport: Transport::Unix(socket.as_ref().to_path_buf()), token: None }
     }
 
-    /// The socket.
-    pub fn socket(&self) -> &Path {
-        &self.socket
+    /// A client for a TLS listener at `addr` (`host:port`) whose certificate is signed by (or
+    /// is) the PEM certificate `ca`, sending `token` as the bearer token.
+    pub fn tls(addr: &str, ca: &Path, token: Option<String>) -> Result<Client, ClientError> {
+        let bad = |e: String| ClientError::Http(format!("TLS setup: {e}"));
+        let pem = std::fs::read(ca).map_err(|e| bad(format!("{}: {e}", ca.display())))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert = cert.map_err(|e| bad(format!("{}: {e}", ca.display())))?;
+            roots.add(cert).map_err(|e| bad(format!("{}: {e}", ca.display())))?;
+        }
+        if roots.is_empty() {
+            return Err(bad(format!("{}: no certificate in it", ca.display())));
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).trim_matches(['[', ']']);
+        let server_name = rustls::pki_types::ServerName::try_from(host.to_string())
+            .map_err(|e| bad(format!("'{host}': {e}")))?;
+        Ok(Client {
+            transport: Transport::Tls {
+                addr: addr.to_string(),
+                server_name,
+                connector: tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)),
+            },
+            token,
+        })
+    }
+
+    /// Where the daemon is, in words.
+    pub fn target(&self) -> String {
+        match &self.transport {
+            Transport::Unix(path) => path.display().to_string(),
+            Transport::Tls { addr, .. } => format!("tcp:{addr}"),
+        }
+    }
+
+    async fn connect(&self) -> Result<Box<dyn Io>, ClientError> {
+        match &self.transport {
+            Transport::Unix(path) => {
+                let stream = UnixStream::connect(path)
+                    .await
+                    .map_err(|source| ClientError::Connect { path: path.clone(), source })?;
+                Ok(Box::new(stream))
+            }
+            Transport::Tls { addr, server_name, connector } => {
+                let connect_err = |source| ClientError::Connect {
+                    path: PathBuf::from(format!("tcp:{addr}")),
+                    source,
+                };
+                let tcp =
+                    tokio::net::TcpStream::connect(addr.as_str()).await.map_err(connect_err)?;
+                let tls = connector
+                    .connect(server_name.clone(), tcp)
+                    .await
+                    .map_err(|e| ClientError::Http(format!("TLS with {addr}: {e}")))?;
+                Ok(Box::new(tls))
+            }
+        }
     }
 
     async fn send(
@@ -62,9 +137,7 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
-        let stream = UnixStream::connect(&self.socket)
-            .await
-            .map_err(|source| ClientError::Connect { path: self.socket.clone(), source })?;
+        let stream = self.connect().await?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ClientError::Http(e.to_string()))?;
@@ -74,6 +147,9 @@ impl Client {
         let mut request = Request::builder().method(method).uri(path).header("host", "vanguard");
         if body.is_some() {
             request = request.header("content-type", "application/json");
+        }
+        if let Some(token) = &self.token {
+            request = request.header("authorization", format!("Bearer {token}"));
         }
         let request = request
             .body(Full::new(Bytes::from(body.unwrap_or_default())))

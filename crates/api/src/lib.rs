@@ -311,6 +311,35 @@ pub struct HostInfo {
     pub cgroups: String,
 }
 
+/// A token's public part: its name and when it was made (the secret is shown once, at
+/// creation, and stored only as a digest).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TokenInfo {
+    /// Its name (1 to 63 of `a-z 0-9 -`).
+    pub name: String,
+    /// When it was made (seconds since the Unix epoch).
+    pub created_at: u64,
+}
+
+/// A request for a new token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewToken {
+    /// Its name (1 to 63 of `a-z 0-9 -`).
+    pub name: String,
+}
+
+/// A token just made: the secret to send as `Authorization: Bearer <token>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CreatedToken {
+    /// Its name.
+    pub name: String,
+    /// The secret (shown this once).
+    pub token: String,
+    /// When it was made.
+    pub created_at: u64,
+}
+
 /// Every error the API returns: the HTTP status says what kind, this says what.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ApiError {

@@ -10,6 +10,7 @@
 //! - [`manager`]: VMs, operations, events; the state machine.
 //! - [`server`]: the HTTP API.
 
+pub mod auth;
 pub mod cgroup;
 pub mod driver;
 pub mod manager;
@@ -26,8 +27,21 @@ pub struct Options {
     pub data_dir: PathBuf,
     /// The Unix socket of the API (mode 0600).
     pub socket: PathBuf,
+    /// TCP listeners (TLS, bearer tokens).
+    pub tcp: Vec<TcpListen>,
     /// The `vanguard` binary that runs the VMs.
     pub vmm_exe: PathBuf,
+}
+
+/// A TCP listener: its address and its TLS certificate chain and key (PEM files).
+#[derive(Debug, Clone)]
+pub struct TcpListen {
+    /// Where to listen (`127.0.0.1:8443`; port 0 picks one, printed at start).
+    pub addr: std::net::SocketAddr,
+    /// The certificate chain.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
 }
 
 /// Why the daemon could not start (or stopped).
@@ -77,8 +91,9 @@ fn prepare_socket(path: &Path) -> Result<(), Error> {
     }
 }
 
-/// Runs the daemon until SIGTERM or SIGINT; `ready` is called once it accepts requests.
-pub fn serve(options: &Options, ready: impl FnOnce()) -> Result<(), Error> {
+/// Runs the daemon until SIGTERM or SIGINT; `ready` is called, with the TCP listeners'
+/// addresses, once it accepts requests.
+pub fn serve(options: &Options, ready: impl FnOnce(&[String])) -> Result<(), Error> {
     let data_err = |source| Error::DataDir { path: options.data_dir.clone(), source };
     std::fs::create_dir_all(&options.data_dir).map_err(data_err)?;
     std::fs::set_permissions(&options.data_dir, std::fs::Permissions::from_mode(0o700))
@@ -102,17 +117,71 @@ pub fn serve(options: &Options, ready: impl FnOnce()) -> Result<(), Error> {
         // Only the daemon's owner may talk to it: the socket is the access control.
         std::fs::set_permissions(&options.socket, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| Error::Socket { path: options.socket.clone(), reason: e.to_string() })?;
-        ready();
+        let mut tcp = Vec::new();
+        for listen in &options.tcp {
+            let tls = auth::server_config(&listen.cert, &listen.key)
+                .map_err(|e| Error::Socket { path: listen.cert.clone(), reason: e.to_string() })?;
+            let listener =
+                tokio::net::TcpListener::bind(listen.addr).await.map_err(|e| Error::Socket {
+                    path: PathBuf::from(listen.addr.to_string()),
+                    reason: e.to_string(),
+                })?;
+            tcp.push((listener, tls));
+        }
+        let addresses: Vec<String> =
+            tcp.iter().filter_map(|(l, _)| l.local_addr().ok()).map(|a| a.to_string()).collect();
+        ready(&addresses);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        for (listener, tls) in tcp {
+            let router = server::router(manager.clone())
+                .layer(axum::middleware::from_fn_with_state(manager.clone(), auth::require_token));
+            tokio::spawn(serve_tls(listener, tls, router, stop_rx.clone()));
+        }
         let shutdown = async move {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
             }
+            let _ = stop_tx.send(true);
         };
         let result =
             axum::serve(listener, server::router(manager)).with_graceful_shutdown(shutdown).await;
         let _ = std::fs::remove_file(&options.socket);
         result.map_err(Error::Runtime)
     })
+}
+
+/// Accepts TLS connections on `listener` and serves `router` on each, until `stop`.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    tls: std::sync::Arc<rustls::ServerConfig>,
+    router: axum::Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(_) => continue,
+            },
+            _ = stop.changed() => return,
+        };
+        let (acceptor, router) = (acceptor.clone(), router.clone());
+        tokio::spawn(async move {
+            // A client that does not speak TLS, or gives up, just loses its connection.
+            let Ok(stream) =
+                tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream))
+                    .await
+            else {
+                return;
+            };
+            let Ok(stream) = stream else { return };
+            let service = hyper_util::service::TowerToHyperService::new(router);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
 }

@@ -50,6 +50,10 @@ impl Failure {
     pub fn bad_request(message: impl Into<String>) -> Failure {
         Failure::new(400, message)
     }
+    /// 401.
+    pub fn unauthorized(message: impl Into<String>) -> Failure {
+        Failure::new(401, message)
+    }
     fn not_found(name: &str) -> Failure {
         Failure::new(404, format!("no VM named '{name}'"))
     }
@@ -82,6 +86,8 @@ pub struct Manager {
     data_dir: PathBuf,
     vms: Mutex<BTreeMap<String, Entry>>,
     operations: Mutex<BTreeMap<u64, Operation>>,
+    /// The tokens, by name (a copy of the store's table).
+    tokens: Mutex<BTreeMap<String, crate::store::TokenRecord>>,
     /// Woken whenever an operation or a VM's process changes.
     changed: Notify,
     events: broadcast::Sender<Event>,
@@ -104,6 +110,7 @@ impl Manager {
             data_dir,
             vms: Mutex::new(BTreeMap::new()),
             operations: Mutex::new(BTreeMap::new()),
+            tokens: Mutex::new(BTreeMap::new()),
             changed: Notify::new(),
             events,
             event_seq: AtomicU64::new(0),
@@ -121,6 +128,9 @@ impl Manager {
         }
         for op in interrupted {
             manager.store.put_operation(&op)?;
+        }
+        for token in manager.store.tokens()? {
+            lock(&manager.tokens).insert(token.info.name.clone(), token);
         }
         for record in manager.store.vms()? {
             manager.adopt(record)?;
@@ -209,6 +219,50 @@ impl Manager {
     /// Every VM, by name.
     pub fn list(&self) -> Vec<Vm> {
         lock(&self.vms).values().map(|e| e.record.vm.clone()).collect()
+    }
+
+    /// Makes a token; its secret is returned this once.
+    pub fn create_token(&self, name: &str) -> Result<api::CreatedToken, Failure> {
+        api::spec::check_name(name)
+            .map_err(|e| Failure::bad_request(format!("token name: {}", e.reason)))?;
+        let mut tokens = lock(&self.tokens);
+        if tokens.contains_key(name) {
+            return Err(Failure::conflict(format!("a token named '{name}' exists")));
+        }
+        let secret = crate::auth::new_secret()
+            .map_err(|e| Failure::new(500, format!("cannot make a token: {e}")))?;
+        let record = crate::store::TokenRecord {
+            info: api::TokenInfo { name: name.into(), created_at: api::now_secs() },
+            digest: crate::auth::digest(&secret),
+        };
+        self.store.put_token(&record)?;
+        tokens.insert(name.into(), record.clone());
+        Ok(api::CreatedToken {
+            name: name.into(),
+            token: secret,
+            created_at: record.info.created_at,
+        })
+    }
+
+    /// The tokens' public parts.
+    pub fn tokens(&self) -> Vec<api::TokenInfo> {
+        lock(&self.tokens).values().map(|t| t.info.clone()).collect()
+    }
+
+    /// Revokes a token: it stops working at once.
+    pub fn revoke_token(&self, name: &str) -> Result<(), Failure> {
+        let mut tokens = lock(&self.tokens);
+        if !tokens.contains_key(name) {
+            return Err(Failure::new(404, format!("no token named '{name}'")));
+        }
+        self.store.delete_token(name)?;
+        tokens.remove(name);
+        Ok(())
+    }
+
+    /// The digests of the valid tokens.
+    pub fn token_digests(&self) -> Vec<String> {
+        lock(&self.tokens).values().map(|t| t.digest.clone()).collect()
     }
 
     /// How VM limits are enforced on this host.

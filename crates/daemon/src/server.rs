@@ -89,6 +89,8 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/operations/{id}/wait", get(wait_operation))
         .route("/v1/events", get(events))
         .route("/v1/host", get(host))
+        .route("/v1/tokens", get(list_tokens).post(create_token))
+        .route("/v1/tokens/{name}", axum::routing::delete(revoke_token))
         .route("/metrics", get(metrics))
         .fallback(|| async { Failure::not_found_path() })
         .method_not_allowed_fallback(|| async {
@@ -324,6 +326,32 @@ async fn host(State(m): Shared) -> Json<HostInfo> {
         drivers: vec![vanguard_driver()],
         cgroups: m.cgroups(),
     })
+}
+
+/// The API tokens (names and dates; the secrets are never shown again).
+#[utoipa::path(get, path = "/v1/tokens", responses((status = 200, body = [api::TokenInfo])))]
+async fn list_tokens(State(m): Shared) -> Json<Vec<api::TokenInfo>> {
+    Json(m.tokens())
+}
+
+/// Makes a token for the TCP listener; the answer holds its secret, this once.
+#[utoipa::path(post, path = "/v1/tokens", request_body = api::NewToken, responses(
+    (status = 201, body = api::CreatedToken), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
+async fn create_token(
+    State(m): Shared,
+    body: Bytes,
+) -> Result<(StatusCode, Json<api::CreatedToken>), Failure> {
+    let request: api::NewToken = serde_json::from_slice(&body)
+        .map_err(|e| Failure::bad_request(format!("invalid token request: {e}")))?;
+    Ok((StatusCode::CREATED, Json(m.create_token(&request.name)?)))
+}
+
+/// Revokes a token: requests carrying it get 401 from now on.
+#[utoipa::path(delete, path = "/v1/tokens/{name}", params(("name" = String, Path)), responses(
+    (status = 204), (status = 404, body = ApiError)))]
+async fn revoke_token(State(m): Shared, Path(name): Path<String>) -> Result<StatusCode, Failure> {
+    m.revoke_token(&name)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Prometheus metrics (text format 0.0.4).

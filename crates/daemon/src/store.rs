@@ -13,6 +13,7 @@ use std::path::Path;
 const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 const OPERATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("operations");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const NEXT_OPERATION: &str = "next_operation";
 
 /// What is stored for a VM: what the API shows, and what the daemon needs to find its process
@@ -53,6 +54,7 @@ impl Store {
             txn.open_table(VMS).map_err(|e| fail("open table vms")(e.to_string()))?;
             txn.open_table(OPERATIONS).map_err(|e| fail("open table operations")(e.to_string()))?;
             txn.open_table(META).map_err(|e| fail("open table meta")(e.to_string()))?;
+            txn.open_table(TOKENS).map_err(|e| fail("open table tokens")(e.to_string()))?;
         }
         txn.commit().map_err(|e| fail("commit")(e.to_string()))?;
         Ok(Store { db })
@@ -145,4 +147,56 @@ impl Store {
         }
         Ok(out)
     }
+
+    /// Every token: (info, SHA-256 digest of the secret in hex).
+    pub fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| fail("read")(e.to_string()))?;
+        let table = txn.open_table(TOKENS).map_err(|e| fail("read tokens")(e.to_string()))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(|e| fail("read tokens")(e.to_string()))? {
+            let (_, value) = entry.map_err(|e| fail("read tokens")(e.to_string()))?;
+            out.push(
+                serde_json::from_slice(value.value())
+                    .map_err(|e| fail("decode a token")(e.to_string()))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Stores a token, durably.
+    pub fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(token).map_err(|e| fail("encode a token")(e.to_string()))?;
+        let txn = self.db.begin_write().map_err(|e| fail("write")(e.to_string()))?;
+        {
+            let mut table =
+                txn.open_table(TOKENS).map_err(|e| fail("write tokens")(e.to_string()))?;
+            table
+                .insert(token.info.name.as_str(), bytes.as_slice())
+                .map_err(|e| fail("write tokens")(e.to_string()))?;
+        }
+        txn.commit().map_err(|e| fail("commit")(e.to_string()))
+    }
+
+    /// Removes a token, durably; whether it existed.
+    pub fn delete_token(&self, name: &str) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write().map_err(|e| fail("write")(e.to_string()))?;
+        let existed;
+        {
+            let mut table =
+                txn.open_table(TOKENS).map_err(|e| fail("write tokens")(e.to_string()))?;
+            existed =
+                table.remove(name).map_err(|e| fail("write tokens")(e.to_string()))?.is_some();
+        }
+        txn.commit().map_err(|e| fail("commit")(e.to_string()))?;
+        Ok(existed)
+    }
+}
+
+/// A stored token: what the API shows, and the digest of the secret.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Name and creation time.
+    pub info: api::TokenInfo,
+    /// SHA-256 of the secret, hex.
+    pub digest: String,
 }

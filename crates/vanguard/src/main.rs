@@ -42,6 +42,13 @@ enum Command {
         #[command(flatten)]
         client: manage::ClientArgs,
     },
+    /// API tokens for the daemon's TCP listeners.
+    Token {
+        #[command(subcommand)]
+        command: manage::TokenCommand,
+        #[command(flatten)]
+        client: manage::ClientArgs,
+    },
     /// The host, as the daemon sees it.
     Host {
         #[command(subcommand)]
@@ -479,6 +486,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => manage::serve(args),
         Command::Vm { command, client } => manage::vm(command, client),
         Command::Host { command, client } => manage::host(command, client),
+        Command::Token { command, client } => manage::token(command, client),
         Command::Bench(which) => match bench::run(which) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

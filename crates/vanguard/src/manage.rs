@@ -19,27 +19,56 @@ pub struct ServeArgs {
     /// Where the state database and the VMs' files (console logs) live.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
-    /// Where the API listens: unix:PATH (a socket only the daemon's owner may use).
-    #[arg(long, value_name = "unix:PATH", default_value = concat!("unix:", "/run/vanguard/vanguard.sock"), value_parser = parse_listen)]
-    listen: PathBuf,
+    /// Where the API listens: unix:PATH (a socket only the daemon's owner may use; default
+    /// unix:/run/vanguard/vanguard.sock) and any number of tcp:ADDR:PORT (TLS with
+    /// --tls-cert and --tls-key, and a bearer token on every request). Repeat for more.
+    #[arg(long, value_name = "unix:PATH|tcp:ADDR", value_parser = parse_listener)]
+    listen: Vec<Listener>,
+    /// The TLS certificate chain (PEM) of the tcp: listeners.
+    #[arg(long, value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, value_name = "PEM")]
+    tls_key: Option<PathBuf>,
 }
 
-fn parse_listen(s: &str) -> Result<PathBuf, String> {
-    match s.strip_prefix("unix:") {
-        Some(path) if !path.is_empty() => Ok(PathBuf::from(path)),
-        _ if s.starts_with("tcp:") => {
-            Err("tcp: listeners (TLS and tokens) are not implemented yet; use unix:PATH".into())
+/// A place the daemon listens on, or a client reaches it.
+#[derive(Clone, Debug)]
+pub enum Listener {
+    /// A Unix socket.
+    Unix(PathBuf),
+    /// A TCP address (`host:port`), TLS.
+    Tcp(String),
+}
+
+fn parse_listener(s: &str) -> Result<Listener, String> {
+    if let Some(path) = s.strip_prefix("unix:") {
+        if !path.is_empty() {
+            return Ok(Listener::Unix(PathBuf::from(path)));
         }
-        _ => Err(format!("invalid listener '{s}': use unix:PATH")),
     }
+    if let Some(addr) = s.strip_prefix("tcp:") {
+        if addr.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) {
+            return Ok(Listener::Tcp(addr.to_string()));
+        }
+        return Err(format!("invalid address '{s}': use tcp:HOST:PORT"));
+    }
+    Err(format!("invalid address '{s}': use unix:PATH or tcp:HOST:PORT"))
 }
 
 /// Options every client command takes.
 #[derive(Args, Clone)]
 pub struct ClientArgs {
-    /// The daemon: unix:PATH (default unix:/run/vanguard/vanguard.sock, or $VANGUARD_REMOTE).
-    #[arg(long, global = true, env = "VANGUARD_REMOTE", value_parser = parse_listen)]
-    remote: Option<PathBuf>,
+    /// The daemon: unix:PATH (default unix:/run/vanguard/vanguard.sock) or tcp:HOST:PORT (TLS,
+    /// with --token and --ca-cert); or $VANGUARD_REMOTE.
+    #[arg(long, global = true, env = "VANGUARD_REMOTE", value_parser = parse_listener)]
+    remote: Option<Listener>,
+    /// The bearer token for a tcp: daemon (`vanguard token create`), or $VANGUARD_TOKEN.
+    #[arg(long, global = true, env = "VANGUARD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The certificate (PEM) that signed the tcp: daemon's, or $VANGUARD_CA_CERT.
+    #[arg(long, global = true, env = "VANGUARD_CA_CERT")]
+    ca_cert: Option<PathBuf>,
     /// How to print results.
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -153,6 +182,23 @@ pub struct CreateArgs {
     start: bool,
 }
 
+/// `vanguard token ...`.
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Make a token for the daemon's TCP listeners; its secret is printed this once.
+    Create {
+        /// Its name.
+        name: String,
+    },
+    /// List the tokens (names and dates).
+    List,
+    /// Revoke a token: requests carrying it are refused from now on.
+    Revoke {
+        /// Its name.
+        name: String,
+    },
+}
+
 /// `vanguard host ...`.
 #[derive(Subcommand)]
 pub enum HostCommand {
@@ -162,20 +208,43 @@ pub enum HostCommand {
 
 /// Runs `vanguard serve`.
 pub fn serve(args: ServeArgs) -> ExitCode {
+    let fail = |message: String| {
+        eprintln!("vanguard: error: {message}");
+        ExitCode::FAILURE
+    };
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
-        Err(e) => {
-            eprintln!("vanguard: error: cannot find the vanguard binary: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return fail(format!("cannot find the vanguard binary: {e}")),
     };
-    let options = daemon::Options { data_dir: args.data_dir, socket: args.listen, vmm_exe: exe };
-    let ready = || {
-        println!(
-            "vanguard: serving the API on unix:{} (state in {})",
-            options.socket.display(),
-            options.data_dir.display()
-        );
+    let mut socket = None;
+    let mut tcp = Vec::new();
+    for listener in args.listen {
+        match listener {
+            Listener::Unix(path) if socket.is_none() => socket = Some(path),
+            Listener::Unix(_) => return fail("one unix: listener at most".into()),
+            Listener::Tcp(addr) => {
+                let Ok(addr) = addr.parse::<std::net::SocketAddr>() else {
+                    return fail(format!("invalid tcp: address '{addr}': use IP:PORT"));
+                };
+                let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+                    return fail("a tcp: listener needs --tls-cert and --tls-key".into());
+                };
+                tcp.push(daemon::TcpListen { addr, cert: cert.clone(), key: key.clone() });
+            }
+        }
+    }
+    let options = daemon::Options {
+        data_dir: args.data_dir,
+        socket: socket.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
+        tcp,
+        vmm_exe: exe,
+    };
+    let ready = |tcp: &[String]| {
+        let mut line = format!("vanguard: serving the API on unix:{}", options.socket.display());
+        for addr in tcp {
+            line.push_str(&format!(" and tcp:{addr} (TLS, tokens)"));
+        }
+        println!("{line} (state in {})", options.data_dir.display());
     };
     match daemon::serve(&options, ready) {
         Ok(()) => {
@@ -189,8 +258,19 @@ pub fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-fn client(args: &ClientArgs) -> Client {
-    Client::unix(args.remote.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)))
+fn client(args: &ClientArgs) -> Result<Client, ClientError> {
+    match &args.remote {
+        None => Ok(Client::unix(DEFAULT_SOCKET)),
+        Some(Listener::Unix(path)) => Ok(Client::unix(path)),
+        Some(Listener::Tcp(addr)) => {
+            let ca = args.ca_cert.as_ref().ok_or_else(|| {
+                local_error(
+                    "a tcp: daemon needs --ca-cert (the certificate that signed its own)".into(),
+                )
+            })?;
+            Client::tls(addr, ca, args.token.clone())
+        }
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
@@ -385,9 +465,9 @@ fn local_error(message: String) -> ClientError {
 
 /// Runs `vanguard vm ...`.
 pub fn vm(command: VmCommand, args: ClientArgs) -> ExitCode {
-    let client = client(&args);
     let output = args.output;
     run_client(async move {
+        let client = client(&args)?;
         match command {
             VmCommand::Create(create) => {
                 let start = create.start;
@@ -483,9 +563,9 @@ async fn finish(
 
 /// Runs `vanguard host ...`.
 pub fn host(command: HostCommand, args: ClientArgs) -> ExitCode {
-    let client = client(&args);
     let output = args.output;
     run_client(async move {
+        let client = client(&args)?;
         match command {
             HostCommand::Info => {
                 let host: HostInfo = client.get("/v1/host").await?;
@@ -507,6 +587,44 @@ pub fn host(command: HostCommand, args: ClientArgs) -> ExitCode {
                 for driver in &host.drivers {
                     let state = if driver.available { "available" } else { "unavailable" };
                     println!("driver:   {} {state}: {}", driver.name, driver.detail);
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Runs `vanguard token ...`.
+pub fn token(command: TokenCommand, args: ClientArgs) -> ExitCode {
+    let output = args.output;
+    run_client(async move {
+        let client = client(&args)?;
+        match command {
+            TokenCommand::Create { name } => {
+                let made: api::CreatedToken =
+                    client.post("/v1/tokens", &api::NewToken { name }).await?;
+                if output == Output::Json {
+                    print_json(&made);
+                } else {
+                    println!("{}", made.token);
+                    eprintln!("token '{}' created; its secret is shown this once", made.name);
+                }
+            }
+            TokenCommand::List => {
+                let tokens: Vec<api::TokenInfo> = client.get("/v1/tokens").await?;
+                if output == Output::Json {
+                    print_json(&tokens);
+                } else {
+                    println!("{:<24} CREATED", "NAME");
+                    for t in tokens {
+                        println!("{:<24} {} ago", t.name, age(Some(t.created_at)));
+                    }
+                }
+            }
+            TokenCommand::Revoke { name } => {
+                client.delete(&format!("/v1/tokens/{name}")).await?;
+                if output == Output::Table {
+                    println!("revoked {name}");
                 }
             }
         }

@@ -662,3 +662,132 @@ fn the_cpu_quota_holds_a_busy_guest() {
     });
     assert!(!cpu_dir.exists(), "the cgroup is removed when the VM stops");
 }
+
+/// A CA and a certificate it signed for localhost/127.0.0.1, made with openssl in `dir`;
+/// (ca.pem, cert.pem, key.pem).
+fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    let mut ca = vec!["req", "-x509", "-days", "1", "-subj", "/CN=vanguard test CA"];
+    ca.extend(ec);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.pem"]);
+    run(&ca);
+    let mut csr = vec!["req", "-new", "-subj", "/CN=localhost"];
+    csr.extend(ec);
+    csr.extend(["-keyout", "key.pem", "-out", "cert.csr"]);
+    run(&csr);
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "cert.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "cert.pem",
+    ]);
+    (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"))
+}
+
+/// The TCP listener: TLS only, and a valid bearer token on every request (401 and nothing
+/// else otherwise); tokens made, listed and revoked through the CLI.
+#[test]
+fn tcp_needs_tls_and_a_token_that_was_not_revoked() {
+    if !common::kvm_available() {
+        return;
+    }
+    if Command::new("openssl").arg("version").output().is_err() {
+        assert!(!common::env_flag("VANGUARD_REQUIRE_TOOLS"), "no openssl (package openssl)");
+        println!("skipping: no openssl to make a test certificate");
+        return;
+    }
+    let dir = common::TempDir::new("daemon-tls");
+    let (ca, cert, key) = certificates(dir.path());
+    let socket = dir.path().join("api.sock");
+    let mut child = Command::new(common::BIN)
+        .args(["serve", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg("--listen")
+        .arg(format!("unix:{}", socket.display()))
+        .args(["--listen", "tcp:127.0.0.1:0", "--tls-cert"])
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("tcp:"))
+        .unwrap_or_else(|| panic!("no tcp: address in {line:?}"))
+        .to_string();
+    let cli = |args: &[&str]| {
+        Command::new(common::BIN).args(args).stdin(Stdio::null()).output().expect("the CLI")
+    };
+    let unix = format!("unix:{}", socket.display());
+    let out = cli(&["token", "create", "ci", "--remote", &unix]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(token.starts_with("vgt_"), "{token}");
+    let tcp = format!("tcp:{addr}");
+    let ca_s = ca.to_str().unwrap();
+
+    let rt = rt();
+    rt.block_on(async {
+        let with = Client::tls(&addr, &ca, Some(token.clone())).unwrap();
+        let vms: Vec<Vm> = with.get("/v1/vms").await.unwrap();
+        assert!(vms.is_empty());
+        for bad in [None, Some("vgt_0000".to_string()), Some(format!("{token}x"))] {
+            let client = Client::tls(&addr, &ca, bad.clone()).unwrap();
+            let (status, body) = client.raw("GET", "/v1/vms", None).await.unwrap();
+            assert_eq!(status, 401, "{bad:?}");
+            let error: api::ApiError = serde_json::from_slice(&body).unwrap();
+            assert!(error.error.contains("token") || error.error.contains("Bearer"), "{error:?}");
+            // Nothing else is reachable either: not even the OpenAPI document.
+            assert_eq!(client.raw("GET", "/openapi.json", None).await.unwrap().0, 401);
+        }
+    });
+    // Plain HTTP to the TLS port gets no answer.
+    let mut plain = std::net::TcpStream::connect(&addr).unwrap();
+    plain.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    use std::io::{Read, Write};
+    plain.write_all(b"GET /v1/vms HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut reply = Vec::new();
+    let _ = plain.read_to_end(&mut reply);
+    assert!(!String::from_utf8_lossy(&reply).contains("HTTP/1.1 200"), "{reply:?}");
+
+    // The CLI over TCP, then the token revoked.
+    let out = cli(&["host", "info", "--remote", &tcp, "--ca-cert", ca_s, "--token", &token]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(&["token", "list", "--remote", &unix]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ci "));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(&token), "the secret is not listed");
+    assert!(cli(&["token", "revoke", "ci", "--remote", &unix]).status.success());
+    let out = cli(&["vm", "list", "--remote", &tcp, "--ca-cert", ca_s, "--token", &token]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "vanguard: error: the token is not valid (unknown or revoked)"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
