@@ -222,26 +222,58 @@ impl Client {
         path: &str,
         mut line: impl FnMut(&str) -> bool,
     ) -> Result<(), ClientError> {
-        let mut response = self.send(Method::GET, path, None).await?;
-        let status = response.status().as_u16();
-        if status != 200 {
-            return Err(ClientError::Api {
-                status,
-                error: ApiError { error: format!("HTTP {status}"), field: None },
-            });
-        }
         let mut pending = Vec::new();
-        while let Some(frame) = response.body_mut().frame().await {
-            let frame = frame.map_err(|e| ClientError::Http(e.to_string()))?;
-            let Some(data) = frame.data_ref() else { continue };
+        self.bytes(path, |data| {
             pending.extend_from_slice(data);
             while let Some(end) = pending.iter().position(|&b| b == b'\n') {
                 let text = String::from_utf8_lossy(&pending[..end]).into_owned();
                 pending.drain(..=end);
                 if !line(&text) {
-                    return Ok(());
+                    return false;
                 }
             }
+            true
+        })
+        .await
+    }
+
+    /// `GET path` as a stream of bytes, each piece given to `piece` until it returns false or
+    /// the stream ends.
+    pub async fn bytes(
+        &self,
+        path: &str,
+        mut piece: impl FnMut(&[u8]) -> bool,
+    ) -> Result<(), ClientError> {
+        let mut response = self.send(Method::GET, path, None).await?;
+        let status = response.status().as_u16();
+        if status != 200 {
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes().to_vec())
+                .unwrap_or_default();
+            let error = serde_json::from_slice(&body)
+                .unwrap_or_else(|_| ApiError { error: format!("HTTP {status}"), field: None });
+            return Err(ClientError::Api { status, error });
+        }
+        while let Some(frame) = response.body_mut().frame().await {
+            let frame = frame.map_err(|e| ClientError::Http(e.to_string()))?;
+            let Some(data) = frame.data_ref() else { continue };
+            if !piece(data) {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// `POST path` with raw bytes; the status must be a success.
+    pub async fn post_bytes(&self, path: &str, body: Vec<u8>) -> Result<(), ClientError> {
+        let (status, bytes) = self.raw("POST", path, Some(body)).await?;
+        if !(200..300).contains(&status) {
+            let error = serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| ApiError { error: format!("HTTP {status}"), field: None });
+            return Err(ClientError::Api { status, error });
         }
         Ok(())
     }

@@ -31,6 +31,11 @@ impl VmFiles {
         self.dir.join("console.log")
     }
 
+    /// The FIFO the VMM reads its serial input from (its stdin).
+    pub fn console_in(&self) -> PathBuf {
+        self.dir.join("console.in")
+    }
+
     /// The VMM's own output (errors, its report of how the VM ended).
     pub fn vmm_log(&self) -> PathBuf {
         self.dir.join("vmm.log")
@@ -48,7 +53,7 @@ pub fn vmm_args(spec: &VmSpec, console: &Path) -> Vec<OsString> {
     ];
     let mut serial = OsString::from("file:");
     serial.push(console);
-    args.extend(["--serial".into(), serial]);
+    args.extend(["--serial".into(), serial, "--serial-max".into(), CONSOLE_MAX.into()]);
     if let Some(kernel) = &spec.boot.kernel {
         args.extend(["--kernel".into(), kernel.into()]);
     }
@@ -106,6 +111,37 @@ pub fn check_files(spec: &VmSpec) -> Result<(), api::SpecError> {
     Ok(())
 }
 
+/// The most console output kept per VM: this much in `console.log`, as much again in
+/// `console.log.1`.
+pub const CONSOLE_MAX: &str = "1M";
+
+/// The console input FIFO at `path` (made if absent), opened for reading and writing: the VMM
+/// reads its serial input from it, and since it holds a writing end itself it never sees an
+/// end of file, whoever writes (the daemon, or a daemon restarted later) comes and goes.
+fn console_input(path: &Path) -> io::Result<std::fs::File> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::other("a NUL in the console path"))?;
+    // SAFETY: mkfifo reads the NUL-terminated path, valid for the call.
+    if unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::AlreadyExists {
+            return Err(e);
+        }
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new().read(true).write(true).custom_flags(libc::O_CLOEXEC).open(path)
+}
+
+/// Writes `bytes` to a running VM's console input FIFO (without blocking: a full FIFO, 64 KiB
+/// the guest has not read, is an error).
+pub fn write_console(files: &VmFiles, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut fifo =
+        OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(files.console_in())?;
+    fifo.write_all(bytes)
+}
+
 /// A started VMM process.
 pub struct Launched {
     /// Its pid.
@@ -148,7 +184,7 @@ pub fn launch(
         .args(args)
         .arg("--ready-fd")
         .arg(READY_FD.to_string())
-        .stdin(Stdio::null())
+        .stdin(Stdio::from(console_input(&files.console_in())?))
         .stdout(log.try_clone()?)
         .stderr(log)
         .process_group(0)
@@ -296,7 +332,7 @@ mod tests {
             .collect();
         assert_eq!(
             args.join(" "),
-            "run --cpus 2 --memory 256M --serial file:/data/c.log --kernel /k --cmdline \
+            "run --cpus 2 --memory 256M --serial file:/data/c.log --serial-max 1M --kernel /k --cmdline \
              console=ttyS0 x --disk path=/d.img,readonly=on,serial=s1 --net \
              tap=t0,mac=52:54:00:00:00:09 --vsock cid=7,socket=/v.sock"
         );

@@ -759,6 +759,31 @@ impl Manager {
         }
     }
 
+    /// Types `bytes` on a running VM's serial console.
+    pub fn console_input(&self, name: &str, bytes: &[u8]) -> Result<(), Failure> {
+        if self.get(name)?.status.pid.is_none() {
+            return Err(Failure::conflict(format!("'{name}' is not running")));
+        }
+        driver::write_console(&VmFiles::new(&self.data_dir, name), bytes).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                Failure::conflict("the guest is not reading its console (its input is full)")
+            } else {
+                Failure::new(500, format!("console input: {e}"))
+            }
+        })
+    }
+
+    /// Where a VM's console output is.
+    pub fn console_path(&self, name: &str) -> Result<PathBuf, Failure> {
+        self.get(name)?;
+        Ok(VmFiles::new(&self.data_dir, name).console())
+    }
+
+    /// Whether a VM has a process now.
+    pub fn is_running(&self, name: &str) -> bool {
+        lock(&self.vms).get(name).is_some_and(|e| e.record.vm.status.pid.is_some())
+    }
+
     /// The console output of a VM's current (or last) run.
     pub fn console(&self, name: &str) -> Result<Vec<u8>, Failure> {
         self.get(name)?;

@@ -83,7 +83,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/vms/{name}/start", post(start_vm))
         .route("/v1/vms/{name}/stop", post(stop_vm))
         .route("/v1/vms/{name}/restart", post(restart_vm))
-        .route("/v1/vms/{name}/console", get(console))
+        .route("/v1/vms/{name}/console", get(console).post(console_input))
         .route("/v1/operations", get(list_operations))
         .route("/v1/operations/{id}", get(get_operation))
         .route("/v1/operations/{id}/wait", get(wait_operation))
@@ -192,12 +192,90 @@ async fn restart_vm(
     Ok((StatusCode::ACCEPTED, Json(m.restart(&name, params.force, timeout)?)))
 }
 
-/// The serial console output of the VM's current (or last) run, as text.
-#[utoipa::path(get, path = "/v1/vms/{name}/console", params(("name" = String, Path)), responses(
-    (status = 200, content_type = "text/plain", body = String), (status = 404, body = ApiError)))]
-async fn console(State(m): Shared, Path(name): Path<String>) -> Result<Response, Failure> {
-    let bytes = m.console(&name)?;
-    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], bytes).into_response())
+/// Whether to follow.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct ConsoleParams {
+    /// Keep the response open and stream new output as the guest writes it (after the last
+    /// 64 KiB already written), until the VM's process ends or the client hangs up.
+    #[serde(default)]
+    follow: bool,
+}
+
+/// The serial console output of the VM's current (or last) run (the newest 1 MiB or so), or
+/// with `follow=true` a live stream of it.
+#[utoipa::path(get, path = "/v1/vms/{name}/console", params(("name" = String, Path), ConsoleParams), responses(
+    (status = 200, content_type = "application/octet-stream", body = String), (status = 404, body = ApiError)))]
+async fn console(
+    State(m): Shared,
+    Path(name): Path<String>,
+    params: Result<Query<ConsoleParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Failure> {
+    let Query(params) = params.map_err(|e| Failure::bad_request(e.body_text()))?;
+    if !params.follow {
+        let bytes = m.console(&name)?;
+        return Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], bytes).into_response());
+    }
+    let path = m.console_path(&name)?;
+    let start = std::fs::metadata(&path).map_or(0, |meta| meta.len().saturating_sub(64 << 10));
+    // (offset, whether the process was gone at the last look)
+    let state = (m, name, path, start, false);
+    let stream =
+        futures_util::stream::unfold(state, |(m, name, path, mut offset, gone)| async move {
+            loop {
+                let len = std::fs::metadata(&path).map_or(0, |meta| meta.len());
+                if len < offset {
+                    offset = 0; // rotated (or a new run): start the new file from its beginning
+                }
+                if len > offset {
+                    let chunk = read_range(&path, offset, len.min(offset + (64 << 10)));
+                    if !chunk.is_empty() {
+                        offset += chunk.len() as u64;
+                        return Some((
+                            Ok::<_, std::io::Error>(Bytes::from(chunk)),
+                            (m, name, path, offset, false),
+                        ));
+                    }
+                }
+                if gone {
+                    return None;
+                }
+                let gone_now = !m.is_running(&name);
+                if !gone_now {
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                }
+                if gone_now {
+                    // One more look for output written just before the end.
+                    return Some((Ok(Bytes::new()), (m, name, path, offset, true)));
+                }
+            }
+        });
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream))
+        .into_response())
+}
+
+fn read_range(path: &std::path::Path, from: u64, to: u64) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else { return Vec::new() };
+    if file.seek(SeekFrom::Start(from)).is_err() {
+        return Vec::new();
+    }
+    let mut buf = vec![0u8; usize::try_from(to.saturating_sub(from)).unwrap_or(0)];
+    let n = file.read(&mut buf).unwrap_or(0);
+    buf.truncate(n);
+    buf
+}
+
+/// Types the request body on the VM's serial console (its input; 409 if it is not running).
+#[utoipa::path(post, path = "/v1/vms/{name}/console", params(("name" = String, Path)),
+    request_body(content = String, content_type = "application/octet-stream"), responses(
+    (status = 204), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn console_input(
+    State(m): Shared,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode, Failure> {
+    m.console_input(&name, &body)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Every operation, oldest first.

@@ -179,6 +179,10 @@ struct RunArgs {
     /// once every vCPU runs.
     #[arg(long, hide = true, value_name = "FD")]
     ready_fd: Option<i32>,
+    /// With --serial file:PATH: keep at most about SIZE in PATH (older output moves to
+    /// PATH.1, replacing it), e.g. 1M.
+    #[arg(long, value_name = "SIZE", value_parser = size::parse_size)]
+    serial_max: Option<u64>,
 }
 
 fn parse_vsock(s: &str) -> Result<vmm::VsockConfig, String> {
@@ -400,6 +404,7 @@ fn run(args: RunArgs, start: Instant) -> Result<VmOutcome, vmm::VmmError> {
     config.disks = args.disk;
     config.nets = args.net;
     config.ready_fd = args.ready_fd;
+    config.serial_max_bytes = args.serial_max;
     config.start_time = start;
     // Raw mode only for a console on a terminal; restored when `_raw` drops.
     let _raw = if config.serial == SerialOutput::Stdio {

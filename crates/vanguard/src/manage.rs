@@ -116,6 +116,15 @@ pub enum VmCommand {
     Logs {
         /// The VM.
         name: String,
+        /// Keep printing new output until the VM stops (or Ctrl-C).
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+    /// Attach to the VM's serial console: its output live, your keys to the guest (raw mode
+    /// on a terminal). Ctrl-] detaches; the VM keeps running.
+    Console {
+        /// The VM.
+        name: String,
     },
 }
 
@@ -383,7 +392,11 @@ async fn follow(client: &Client, op: Operation, output: Output) -> Result<(), Cl
     let mut last = String::new();
     let mut op = op;
     loop {
-        if output == Output::Table && op.progress != last && op.state == OperationState::Running {
+        if output == Output::Table
+            && op.progress != last
+            && op.progress != "queued"
+            && op.state == OperationState::Running
+        {
             eprintln!("  {}", op.progress);
             last = op.progress.clone();
         }
@@ -526,19 +539,17 @@ pub fn vm(command: VmCommand, args: ClientArgs) -> ExitCode {
                     println!("deleted {name}");
                 }
             }
-            VmCommand::Logs { name } => {
-                let (status, body) =
-                    client.raw("GET", &format!("/v1/vms/{name}/console"), None).await?;
-                if status != 200 {
-                    let error = serde_json::from_slice(&body).unwrap_or_else(|_| api::ApiError {
-                        error: format!("HTTP {status}"),
-                        field: None,
-                    });
-                    return Err(ClientError::Api { status, error });
-                }
+            VmCommand::Logs { name, follow } => {
                 use std::io::Write;
-                let _ = std::io::stdout().write_all(&body);
+                let path = format!("/v1/vms/{name}/console?follow={follow}");
+                client
+                    .bytes(&path, |data| {
+                        let mut out = std::io::stdout();
+                        out.write_all(data).is_ok() && out.flush().is_ok()
+                    })
+                    .await?;
             }
+            VmCommand::Console { name } => console(&client, &name).await?,
         }
         Ok(())
     })
@@ -630,4 +641,77 @@ pub fn token(command: TokenCommand, args: ClientArgs) -> ExitCode {
         }
         Ok(())
     })
+}
+
+/// The key that detaches from a console: Ctrl-].
+const DETACH: u8 = 0x1d;
+
+/// `vanguard vm console NAME`: output streamed to stdout, stdin sent as typed, until Ctrl-] or
+/// the end of stdin (then output is shown for half a second more) or the VM's end.
+async fn console(client: &Client, name: &str) -> Result<(), ClientError> {
+    use std::io::{Read, Write};
+    // Fails early, with the daemon's message, for an unknown VM.
+    let vm: Vm = client.get(&format!("/v1/vms/{name}")).await?;
+    if vm.status.pid.is_none() {
+        return Err(local_error(format!("'{name}' is not running")));
+    }
+    let raw = vmm::console::RawTerminal::enable();
+    if raw.is_some() {
+        eprint!("[attached to {name}; Ctrl-] detaches]\r\n");
+    }
+    let (keys_tx, mut keys) = tokio::sync::mpsc::unbounded_channel::<Option<Vec<u8>>>();
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin();
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let data = &buf[..n];
+            if let Some(at) = data.iter().position(|&b| b == DETACH) {
+                let _ = keys_tx.send(Some(data[..at].to_vec()));
+                break;
+            }
+            if keys_tx.send(Some(data.to_vec())).is_err() {
+                return;
+            }
+        }
+        let _ = keys_tx.send(None);
+    });
+    let mut output = {
+        let client = client.clone();
+        let path = format!("/v1/vms/{name}/console?follow=true");
+        tokio::spawn(async move {
+            client
+                .bytes(&path, |data| {
+                    let mut out = std::io::stdout();
+                    out.write_all(data).is_ok() && out.flush().is_ok()
+                })
+                .await
+        })
+    };
+    let input_path = format!("/v1/vms/{name}/console");
+    let result = loop {
+        tokio::select! {
+            key = keys.recv() => match key {
+                Some(Some(bytes)) if !bytes.is_empty() => {
+                    if let Err(e) = client.post_bytes(&input_path, bytes).await {
+                        break Err(e);
+                    }
+                }
+                Some(Some(_)) => {}
+                _ => {
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    break Ok(());
+                }
+            },
+            // The stream ends when the VM's process does.
+            _ = &mut output => break Ok(()),
+        }
+    };
+    output.abort();
+    drop(raw);
+    eprint!("\r\n[detached from {name}]\r\n");
+    result
 }

@@ -791,3 +791,91 @@ fn tcp_needs_tls_and_a_token_that_was_not_revoked() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// The serial console through the API and the CLI: input typed into the guest's `echo`
+/// scenario comes back in the live output; `vm console` detaches on Ctrl-]; `vm logs --follow`
+/// ends when the VM does.
+#[test]
+fn the_console_can_be_attached_typed_into_and_followed() {
+    if !common::kvm_available() {
+        return;
+    }
+    let daemon = Daemon::start();
+    let client = daemon.client();
+    let rt = multi_thread();
+    let mut echo = spec("echo");
+    echo["boot"]["cmdline"] = "console=ttyS0 echo".into();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    rt.block_on(async {
+        let _: Vm = client.post("/v1/vms", &echo).await.unwrap();
+        let op: Operation = client.post("/v1/vms/echo/start", &()).await.unwrap();
+        assert_eq!(wait_op(&client, &op).await.state, OperationState::Succeeded);
+        let (status, _) = status_code(&client, "POST", "/v1/vms/none/console", Some("x")).await;
+        assert_eq!(status, 404);
+    });
+    let sink = seen.clone();
+    let follower = client.clone();
+    let follow = rt.spawn(async move {
+        follower
+            .bytes("/v1/vms/echo/console?follow=true", |data| {
+                sink.lock().unwrap().extend_from_slice(data);
+                true
+            })
+            .await
+    });
+    let wait_for = |text: &str| {
+        let start = Instant::now();
+        while !String::from_utf8_lossy(&seen.lock().unwrap()).contains(text) {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "no {text:?} in {:?}",
+                String::from_utf8_lossy(&seen.lock().unwrap())
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for("echo: ready");
+    rt.block_on(client.post_bytes("/v1/vms/echo/console", b"typed through the API\n".to_vec()))
+        .unwrap();
+    wait_for("echo: typed through the API");
+
+    // The CLI: keys from stdin, Ctrl-] detaches, the VM keeps running.
+    let mut cli = Command::new(common::BIN)
+        .args(["vm", "console", "echo"])
+        .env("VANGUARD_REMOTE", format!("unix:{}", daemon.socket().display()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    cli.stdin.take().unwrap().write_all(b"from the cli\n\x1d").unwrap();
+    let out = cli.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("echo: from the cli"), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("[detached from echo]"));
+    wait_for("echo: from the cli");
+    let vm: Vm = rt.block_on(client.get("/v1/vms/echo")).unwrap();
+    assert_eq!(vm.status.state, VmState::Running, "detaching leaves the VM running");
+
+    // `quit` ends the scenario; the guest powers off; the follow stream and `logs -f` end.
+    let logs = Command::new(common::BIN)
+        .args(["vm", "logs", "echo", "--follow"])
+        .env("VANGUARD_REMOTE", format!("unix:{}", daemon.socket().display()))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    rt.block_on(client.post_bytes("/v1/vms/echo/console", b"quit\n".to_vec())).unwrap();
+    wait_for("vanguard-guest: done, powering off");
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(20), follow).await })
+        .expect("the follow stream ends with the VM")
+        .unwrap()
+        .unwrap();
+    let logs = logs.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&logs.stdout).contains("echo: done"), "{logs:?}");
+    let vm: Vm = rt.block_on(client.get("/v1/vms/echo")).unwrap();
+    assert_eq!(vm.status.state, VmState::Stopped);
+    let (status, _) =
+        rt.block_on(status_code(&client, "POST", "/v1/vms/echo/console", Some("late\n")));
+    assert_eq!(status, 409, "no input to a stopped VM");
+}

@@ -79,6 +79,9 @@ pub struct VmConfig {
     /// close, once the VM is built and every vCPU thread runs: how a supervisor tells a
     /// running VM from one that failed to start, without guessing from time.
     pub ready_fd: Option<i32>,
+    /// With a file console: keep at most about this many bytes in it (the older part moves to
+    /// `<file>.1`); None keeps everything.
+    pub serial_max_bytes: Option<u64>,
 }
 
 /// A virtio-vsock device whose host side is a Unix socket (Firecracker's convention).
@@ -173,6 +176,7 @@ impl VmConfig {
             nets: Vec::new(),
             vsock: None,
             ready_fd: None,
+            serial_max_bytes: None,
         }
     }
 }

@@ -154,3 +154,72 @@ mod tests {
         assert_eq!(out, b"z");
     }
 }
+
+/// A console log file that keeps at most about `max` bytes on disk: when a write would pass
+/// `max`, the file becomes `<path>.1` (replacing the previous one) and a new one starts. So the
+/// newest output is always in `<path>`, and at most twice `max` bytes are kept.
+pub struct RotatingFile {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    written: u64,
+    max: u64,
+}
+
+impl RotatingFile {
+    /// Creates (truncates) `path`.
+    pub fn create(path: &std::path::Path, max: u64) -> std::io::Result<RotatingFile> {
+        Ok(RotatingFile {
+            path: path.to_path_buf(),
+            file: std::fs::File::create(path)?,
+            written: 0,
+            max: max.max(1),
+        })
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        let mut old = self.path.clone().into_os_string();
+        old.push(".1");
+        std::fs::rename(&self.path, &old)?;
+        self.file = std::fs::File::create(&self.path)?;
+        self.written = 0;
+        Ok(())
+    }
+}
+
+impl std::io::Write for RotatingFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.written > 0 && self.written.saturating_add(buf.len() as u64) > self.max {
+            self.rotate()?;
+        }
+        let n = self.file.write(buf)?;
+        self.written = self.written.saturating_add(n as u64);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+#[cfg(test)]
+mod rotating_tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn a_rotating_file_keeps_the_newest_output_within_its_bound() {
+        let dir = std::env::temp_dir().join(format!("vanguard-rot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("console.log");
+        let mut file = RotatingFile::create(&path, 100).unwrap();
+        for i in 0..50 {
+            file.write_all(format!("line {i:04}\n").as_bytes()).unwrap();
+        }
+        let now = std::fs::read_to_string(&path).unwrap();
+        let old = std::fs::read_to_string(dir.join("console.log.1")).unwrap();
+        assert!(now.len() <= 100 && old.len() <= 100, "{} {}", now.len(), old.len());
+        assert!(now.ends_with("line 0049\n"), "{now}");
+        assert!(format!("{old}{now}").contains("line 0040\nline 0041"), "continuous");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

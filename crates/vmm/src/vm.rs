@@ -216,13 +216,21 @@ fn signal_ready(fd: i32) {
     }
 }
 
-fn serial_writer(out: &SerialOutput) -> Result<Box<dyn std::io::Write + Send>, VmmError> {
+fn serial_writer(
+    out: &SerialOutput,
+    max_bytes: Option<u64>,
+) -> Result<Box<dyn std::io::Write + Send>, VmmError> {
     Ok(match out {
         SerialOutput::Stdio => Box::new(std::io::stdout()),
-        SerialOutput::File(path) => Box::new(
-            std::fs::File::create(path)
-                .map_err(|source| VmmError::SerialFile { path: path.clone(), source })?,
-        ),
+        SerialOutput::File(path) => {
+            let fail = |source| VmmError::SerialFile { path: path.clone(), source };
+            match max_bytes {
+                Some(max) => {
+                    Box::new(crate::console::RotatingFile::create(path, max).map_err(fail)?)
+                }
+                None => Box::new(std::fs::File::create(path).map_err(fail)?),
+            }
+        }
         SerialOutput::None => Box::new(std::io::sink()),
     })
 }
@@ -380,7 +388,7 @@ impl Vm {
         vm.register_irqfd(&serial_evt, COM1_IRQ).map_err(kvm_call("register serial irqfd"))?;
         let serial = Arc::new(Mutex::new(SerialPort::new(
             Arc::new(EventFdIrq(serial_evt)),
-            serial_writer(&config.serial)?,
+            serial_writer(&config.serial, config.serial_max_bytes)?,
         )));
         let mut pio = Bus::new();
         let bus_err = |what| {
@@ -457,7 +465,9 @@ impl Vm {
                 .map_err(bus_err("virtio-mmio"))?;
         }
         let mmio = Arc::new(mmio);
-        if config.serial == SerialOutput::Stdio {
+        // Stdin is the console's input when its output goes somewhere (a terminal, or a file
+        // with stdin a pipe or the daemon's FIFO).
+        if config.serial != SerialOutput::None {
             crate::console::spawn_stdin_reader(serial, config.interactive_console)
                 .map_err(|source| VmmError::Thread { name: "serial-in".into(), source })?;
         }
