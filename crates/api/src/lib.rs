@@ -41,6 +41,13 @@ pub struct VmSpec {
     /// A virtio-vsock device.
     #[serde(default)]
     pub vsock: Option<Vsock>,
+    /// Which hypervisor runs it.
+    #[serde(default)]
+    pub hypervisor: Hypervisor,
+    /// For the qemu hypervisor: KVM or software emulation (TCG); `auto` picks KVM only where
+    /// the host has hardware virtualization.
+    #[serde(default)]
+    pub accel: Accel,
     /// Resource limits the kernel enforces on the VM's process (its cgroup).
     #[serde(default)]
     pub limits: Limits,
@@ -125,6 +132,30 @@ pub struct Limits {
     /// Memory (guest RAM and the VMM's own) in MiB; at least `memory_mib` + 16.
     #[serde(default)]
     pub memory_max_mib: Option<u64>,
+}
+
+/// The hypervisor drivers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Hypervisor {
+    /// Vanguard's own VMM (`vanguard run`).
+    #[default]
+    Vanguard,
+    /// QEMU (`qemu-system-x86_64`), controlled through QMP: boots anything a PC boots.
+    Qemu,
+}
+
+/// How QEMU runs the guest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM where the host has hardware virtualization (VT-x/AMD-V), TCG otherwise.
+    #[default]
+    Auto,
+    /// KVM.
+    Kvm,
+    /// Software emulation.
+    Tcg,
 }
 
 /// What the daemon does when a VM's process ends without being asked to.

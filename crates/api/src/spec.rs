@@ -123,6 +123,19 @@ pub fn validate(spec: &VmSpec) -> Result<(), SpecError> {
             return bad(format!("nics[{i}].tap"), format!("TAP '{}' is used twice", nic.tap));
         }
     }
+    if spec.hypervisor == crate::Hypervisor::Qemu {
+        if spec.boot.kernel.is_none() && spec.disks.is_empty() {
+            return bad("boot.kernel", "the qemu driver needs a kernel or a disk to boot");
+        }
+        if !spec.nics.is_empty() {
+            return bad("nics", "not supported by the qemu driver yet");
+        }
+        if spec.vsock.is_some() {
+            return bad("vsock", "not supported by the qemu driver yet");
+        }
+    } else if spec.accel != crate::Accel::Auto {
+        return bad("accel", "only for the qemu hypervisor (Vanguard's VMM always uses KVM)");
+    }
     let limits = &spec.limits;
     if let Some(quota) = limits.cpu_quota_percent {
         if !(1..=25600).contains(&quota) {
@@ -223,6 +236,14 @@ mod tests {
         );
         assert_eq!(field_of(r#"{"name": "a", "vsock": {"cid": 2, "socket": "/s"}}"#), "vsock.cid");
         assert_eq!(field_of(r#"{"name": "a", "labels": {"a b": "c"}}"#), "labels.a b");
+        assert_eq!(field_of(r#"{"name": "a", "hypervisor": "qemu"}"#), "boot.kernel");
+        assert_eq!(
+            field_of(
+                r#"{"name": "a", "hypervisor": "qemu", "boot": {"kernel": "/k"}, "nics": [{"tap": "t"}]}"#
+            ),
+            "nics"
+        );
+        assert_eq!(field_of(r#"{"name": "a", "accel": "tcg"}"#), "accel");
         assert_eq!(
             field_of(r#"{"name": "a", "limits": {"cpu_quota_percent": 0}}"#),
             "limits.cpu_quota_percent"

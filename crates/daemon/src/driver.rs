@@ -150,70 +150,224 @@ pub struct Launched {
     pub proc_start: Option<u64>,
     /// The child, to wait on.
     pub child: tokio::process::Child,
-    /// The read end of its ready pipe: one byte once every vCPU runs, or the end of the
-    /// stream if the process ends first.
-    pub ready: tokio::net::unix::pipe::Receiver,
+    /// How to tell it runs.
+    pub ready: Ready,
+}
+
+/// How a started VM says it runs.
+pub enum Ready {
+    /// Vanguard's VMM: the read end of its ready pipe, one byte once every vCPU runs (or the
+    /// end of the stream if the process ends first).
+    Pipe(tokio::net::unix::pipe::Receiver),
+    /// QEMU: its QMP socket answers and says the VM is running.
+    Qmp(PathBuf),
+}
+
+/// What to run for a VM: the program, its arguments, where its serial output goes (a file
+/// the VMM writes itself, or QEMU's stdout), how it says it runs.
+pub struct Invocation {
+    /// The program.
+    pub program: PathBuf,
+    /// Its arguments.
+    pub args: Vec<OsString>,
+    /// QEMU writes the serial console to its stdout: this file then.
+    pub stdout_is_console: bool,
+    /// Whether it takes `--ready-fd` (Vanguard's VMM) or has a QMP socket (QEMU).
+    pub qmp: Option<PathBuf>,
+}
+
+/// The Vanguard driver: `vanguard run` with the spec's flags.
+pub fn vanguard_invocation(exe: &Path, spec: &VmSpec, files: &VmFiles) -> Invocation {
+    Invocation {
+        program: exe.to_path_buf(),
+        args: vmm_args(spec, &files.console()),
+        stdout_is_console: false,
+        qmp: None,
+    }
+}
+
+/// Whether this host has hardware virtualization KVM can use to run any guest (not PVM).
+pub fn hardware_virtualization() -> bool {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let flags = cpuinfo.lines().find(|l| l.starts_with("flags")).unwrap_or_default();
+    let has = flags.split_whitespace().any(|f| f == "vmx" || f == "svm");
+    has && !Path::new("/sys/module/kvm_pvm").exists() && Path::new("/dev/kvm").exists()
+}
+
+/// The QEMU driver: `qemu-system-x86_64` (q35, no default devices, serial on stdio, QMP on a
+/// socket in the VM's directory, `-no-reboot` so a reset ends the process as with Vanguard).
+pub fn qemu_invocation(spec: &VmSpec, files: &VmFiles) -> Invocation {
+    let accel = match spec.accel {
+        api::Accel::Kvm => "kvm",
+        api::Accel::Tcg => "tcg",
+        api::Accel::Auto if hardware_virtualization() => "kvm",
+        api::Accel::Auto => "tcg",
+    };
+    let qmp = files.dir.join("qmp.sock");
+    let mut args: Vec<OsString> = vec![
+        "-machine".into(),
+        format!("q35,accel={accel}").into(),
+        "-m".into(),
+        format!("{}M", spec.memory_mib).into(),
+        "-smp".into(),
+        spec.cpus.to_string().into(),
+        "-nodefaults".into(),
+        "-display".into(),
+        "none".into(),
+        "-serial".into(),
+        "stdio".into(),
+        "-no-reboot".into(),
+        "-qmp".into(),
+    ];
+    let mut qmp_arg = OsString::from("unix:");
+    qmp_arg.push(&qmp);
+    qmp_arg.push(",server=on,wait=off");
+    args.push(qmp_arg);
+    if let Some(kernel) = &spec.boot.kernel {
+        args.extend(["-kernel".into(), kernel.into()]);
+    }
+    if let Some(initrd) = &spec.boot.initrd {
+        args.extend(["-initrd".into(), initrd.into()]);
+    }
+    if let Some(cmdline) = &spec.boot.cmdline {
+        args.extend(["-append".into(), cmdline.into()]);
+    }
+    for disk in &spec.disks {
+        let mut value = format!("file={},format=raw,if=virtio", disk.path);
+        if disk.readonly {
+            value.push_str(",readonly=on");
+        }
+        if let Some(serial) = &disk.serial {
+            value.push_str(&format!(",serial={serial}"));
+        }
+        args.extend(["-drive".into(), value.into()]);
+    }
+    Invocation {
+        program: PathBuf::from("qemu-system-x86_64"),
+        args,
+        stdout_is_console: true,
+        qmp: Some(qmp),
+    }
+}
+
+/// Sends `command` over QMP at `socket` (after the capabilities handshake); the reply line.
+pub async fn qmp(socket: &Path, command: &str) -> io::Result<String> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let stream = tokio::net::UnixStream::connect(socket).await?;
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    qmp_reply(&mut lines).await?; // the greeting
+    write.write_all(b"{\"execute\": \"qmp_capabilities\"}\n").await?;
+    qmp_reply(&mut lines).await?;
+    write.write_all(format!("{{\"execute\": \"{command}\"}}\n").as_bytes()).await?;
+    qmp_reply(&mut lines).await
+}
+
+/// The next QMP line that is a greeting or an answer (asynchronous events are skipped).
+async fn qmp_reply(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
+) -> io::Result<String> {
+    loop {
+        let line = lines.next_line().await?.ok_or(io::ErrorKind::UnexpectedEof)?;
+        if line.contains("\"return\"") || line.contains("\"error\"") || line.contains("\"QMP\"") {
+            return Ok(line);
+        }
+    }
 }
 
 /// The descriptor number the VMM gets its ready pipe on (`vanguard run --ready-fd 3`).
 const READY_FD: i32 = 3;
 
-/// Starts `exe` with `args` (plus `--ready-fd`) for the VM whose files are `files`, in the
-/// cgroups whose `cgroup.procs` files are `cgroups` (see [`crate::cgroup`]).
+/// Starts `invocation` for the VM whose files are `files`, in the cgroups whose
+/// `cgroup.procs` files are `cgroups` (see [`crate::cgroup`]).
 pub fn launch(
-    exe: &Path,
-    args: &[OsString],
+    invocation: &Invocation,
     files: &VmFiles,
     cgroups: Vec<std::ffi::CString>,
 ) -> io::Result<Launched> {
     std::fs::create_dir_all(&files.dir)?;
     let log = OpenOptions::new().create(true).append(true).open(files.vmm_log())?;
-    // Both ends close-on-exec: the child gets its end as descriptor 3 (dup2 clears the flag
-    // on the copy only), so VMMs started at the same time never inherit each other's pipes.
-    let mut fds = [0i32; 2];
-    // SAFETY: pipe2 writes two descriptors into the array, which has room for them.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pipe2 just returned these two descriptors; each is owned once, here.
-    let (read_end, write_end) =
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    let write_raw = std::os::fd::AsRawFd::as_raw_fd(&write_end);
-    let mut command = tokio::process::Command::new(exe);
+    let stdout = if invocation.stdout_is_console {
+        std::fs::File::create(files.console())?
+    } else {
+        log.try_clone()?
+    };
+    let mut command = tokio::process::Command::new(&invocation.program);
     command
-        .args(args)
-        .arg("--ready-fd")
-        .arg(READY_FD.to_string())
+        .args(&invocation.args)
         .stdin(Stdio::from(console_input(&files.console_in())?))
-        .stdout(log.try_clone()?)
+        .stdout(stdout)
         .stderr(log)
         .process_group(0)
         .kill_on_drop(false);
+    let mut pipe = None;
+    if invocation.qmp.is_none() {
+        // Both ends close-on-exec: the child gets its end as descriptor 3 (dup2 clears the
+        // flag on the copy only), so VMMs started at the same time never inherit each other's
+        // pipes.
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe2 writes two descriptors into the array, which has room for them.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 just returned these two descriptors; each is owned once, here.
+        let ends = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        command.arg("--ready-fd").arg(READY_FD.to_string());
+        pipe = Some(ends);
+    }
+    let write_raw = pipe.as_ref().map(|(_, w)| std::os::fd::AsRawFd::as_raw_fd(w));
     // SAFETY: between fork and exec the closure only makes async-signal-safe system calls:
     // dup2 on a descriptor that stays open in the parent until spawn returns, and the cgroup
     // writes of `join_in_child` on paths prepared before the fork.
     unsafe {
         command.pre_exec(move || {
-            if libc::dup2(write_raw, READY_FD) < 0 {
-                return Err(io::Error::last_os_error());
+            if let Some(write_raw) = write_raw {
+                if libc::dup2(write_raw, READY_FD) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
             }
             crate::cgroup::join_in_child(&cgroups)
         });
     }
+    if let Some(qmp) = &invocation.qmp {
+        let _ = std::fs::remove_file(qmp);
+    }
     let child = command.spawn()?;
-    // The parent's copy of the write end goes, so the read end sees the end of the stream
-    // when the child's copy closes (written and closed, or the process gone).
-    drop(write_end);
     let pid = child.id().ok_or_else(|| io::Error::other("the VMM exited at once"))?;
-    let ready = tokio::net::unix::pipe::Receiver::from_owned_fd(read_end)?;
+    let ready = match (pipe, &invocation.qmp) {
+        (Some((read_end, write_end)), _) => {
+            // The parent's copy of the write end goes, so the read end sees the end of the
+            // stream when the child's copy closes (written and closed, or the process gone).
+            drop(write_end);
+            Ready::Pipe(tokio::net::unix::pipe::Receiver::from_owned_fd(read_end)?)
+        }
+        (None, Some(qmp)) => Ready::Qmp(qmp.clone()),
+        (None, None) => return Err(io::Error::other("no way to tell the VM runs")),
+    };
     Ok(Launched { pid, proc_start: proc_start_time(pid), child, ready })
 }
 
-/// Waits for the ready byte on `ready`: true if it came, false if the stream ended first.
-pub async fn wait_ready(ready: &mut tokio::net::unix::pipe::Receiver) -> bool {
+/// Waits until the VM runs: true, or false if its process ended first (the caller watches
+/// the process; for QEMU this polls QMP every 20 ms until `query-status` says running).
+pub async fn wait_ready(ready: &mut Ready) -> bool {
     use tokio::io::AsyncReadExt;
-    let mut byte = [0u8; 1];
-    matches!(ready.read(&mut byte).await, Ok(1))
+    match ready {
+        Ready::Pipe(pipe) => {
+            let mut byte = [0u8; 1];
+            matches!(pipe.read(&mut byte).await, Ok(1))
+        }
+        Ready::Qmp(socket) => {
+            for _ in 0..3000 {
+                if let Ok(reply) = qmp(socket, "query-status").await {
+                    if reply.contains("\"running\"") {
+                        return true;
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            false
+        }
+    }
 }
 
 /// Field 22 of /proc/PID/stat (the start time in clock ticks since boot), which with the pid

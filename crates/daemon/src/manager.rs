@@ -508,7 +508,10 @@ impl Manager {
             });
             return Err(e.to_string());
         }
-        let args = driver::vmm_args(&spec, &files.console());
+        let invocation = match spec.hypervisor {
+            api::Hypervisor::Vanguard => driver::vanguard_invocation(&self.exe, &spec, &files),
+            api::Hypervisor::Qemu => driver::qemu_invocation(&spec, &files),
+        };
         // Stored before the process exists: a daemon killed in between finds the process by
         // its console path when it comes back.
         self.update(name, |entry| entry.record.vm.status.state = VmState::Starting);
@@ -518,8 +521,8 @@ impl Manager {
             .prepare(name, &spec.limits)
             .map_err(|e| format!("cannot set up the VM's cgroup: {e}"))
             .and_then(|procs| {
-                driver::launch(&self.exe, &args, &files, procs)
-                    .map_err(|e| format!("cannot start {}: {e}", self.exe.display()))
+                driver::launch(&invocation, &files, procs)
+                    .map_err(|e| format!("cannot start {}: {e}", invocation.program.display()))
             }) {
             Ok(launched) => launched,
             Err(reason) => {
@@ -703,7 +706,19 @@ impl Manager {
                     timeout.as_secs()
                 ),
             );
-            let _ = driver::signal(pid, libc::SIGTERM);
+            let qemu = self.get(name).is_ok_and(|vm| vm.spec.hypervisor == api::Hypervisor::Qemu);
+            if qemu {
+                // QEMU ends at SIGTERM without asking the guest: press the button over QMP.
+                let socket = VmFiles::new(&self.data_dir, name).dir.join("qmp.sock");
+                if let Err(e) = driver::qmp(&socket, "system_powerdown").await {
+                    self.progress(
+                        op,
+                        &format!("QMP system_powerdown failed ({e}); waiting anyway"),
+                    );
+                }
+            } else {
+                let _ = driver::signal(pid, libc::SIGTERM);
+            }
             if self.wait_stopped(name, timeout).await {
                 return Ok("the guest shut down".into());
             }
