@@ -578,10 +578,33 @@ EOF_NET
   say "net end"
 }
 
+# vanguard.test=netbench: vanguard.net=GUEST_IP,HOST_IP,PORT and vanguard.netbench=MIB: sends
+# MIB MiB of zeros to HOST_IP:PORT over TCP (the host times it), for `vanguard bench net`.
+netbench_scenario() {
+  dmesg -n 1
+  IFS=, read -r gip hip port <<EOF_NB
+$(param vanguard.net)
+EOF_NB
+  mib="$(param vanguard.netbench)"
+  ifc=""
+  for d in /sys/class/net/*; do
+    [ "${d##*/}" = lo ] || { ifc="${d##*/}"; break; }
+  done
+  ip addr add "$gip/24" dev "$ifc"
+  ip link set "$ifc" up
+  # The host's listener may take a moment to see the link: retry the connection.
+  i=0
+  until ping -c 1 -W 1 "$hip" >/dev/null 2>&1 || [ "$i" -ge 10 ]; do i=$((i + 1)); done
+  r=failed
+  dd if=/dev/zero bs=65536 count=$((${mib:-64} * 16)) 2>/dev/null | nc "$hip" "$port" && r=ok
+  say "netbench sent=${mib:-64}MiB result=$r"
+}
+
 # Scenarios: vanguard.test=NAME; other values (vanguard.test=1) run none.
 case "$(param vanguard.test)" in
   blk) blk_scenario ;;
   net) net_scenario ;;
+  netbench) netbench_scenario ;;
 esac
 
 case "$CMDLINE" in

@@ -54,6 +54,17 @@ pub enum Bench {
         #[arg(long, default_value_t = 50)]
         concurrent: usize,
     },
+    /// Guest-to-host TCP over a TAP: the same Linux guest on QEMU with virtio-net served by
+    /// Vanguard's vhost-user-net backend and by QEMU's own TAP backend (run from the
+    /// repository root, after scripts/build-linux-guest.sh).
+    Net {
+        /// MiB per run.
+        #[arg(long, default_value_t = 32)]
+        size_mib: u64,
+        /// Runs per backend (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// All of the above with their defaults.
     All,
 }
@@ -240,6 +251,7 @@ pub fn run(which: Bench) -> Result<(), String> {
             disk(size_mib, ops, &transport, &backends)
         }
         Bench::Api { runs, concurrent } => crate::bench_api::run(runs, concurrent),
+        Bench::Net { size_mib, runs } => crate::bench_net::run(size_mib, runs),
         Bench::All => {
             boot(20)?;
             memory()?;

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_api;
+mod bench_net;
 mod manage;
 mod size;
 
