@@ -166,6 +166,14 @@ struct StopParams {
     timeout: Option<u64>,
 }
 
+/// `force` and the timeout (default 30 s) of a stop or restart request.
+fn stop_params(
+    params: Result<Query<StopParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<(bool, Duration), Failure> {
+    let Query(params) = params.map_err(|e| Failure::bad_request(e.body_text()))?;
+    Ok((params.force, params.timeout.map_or(DEFAULT_STOP_TIMEOUT, Duration::from_secs)))
+}
+
 /// Stops a VM: the ACPI power button, then a kill after `timeout` seconds; or a kill at once.
 #[utoipa::path(post, path = "/v1/vms/{name}/stop", params(("name" = String, Path), StopParams), responses(
     (status = 202, body = Operation), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
@@ -174,9 +182,8 @@ async fn stop_vm(
     Path(name): Path<String>,
     params: Result<Query<StopParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<(StatusCode, Json<Operation>), Failure> {
-    let Query(params) = params.map_err(|e| Failure::bad_request(e.body_text()))?;
-    let timeout = params.timeout.map_or(DEFAULT_STOP_TIMEOUT, Duration::from_secs);
-    Ok((StatusCode::ACCEPTED, Json(m.stop(&name, params.force, timeout)?)))
+    let (force, timeout) = stop_params(params)?;
+    Ok((StatusCode::ACCEPTED, Json(m.stop(&name, force, timeout)?)))
 }
 
 /// Restarts a running VM (stop with the power button, then start), or starts a stopped one.
@@ -187,9 +194,8 @@ async fn restart_vm(
     Path(name): Path<String>,
     params: Result<Query<StopParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<(StatusCode, Json<Operation>), Failure> {
-    let Query(params) = params.map_err(|e| Failure::bad_request(e.body_text()))?;
-    let timeout = params.timeout.map_or(DEFAULT_STOP_TIMEOUT, Duration::from_secs);
-    Ok((StatusCode::ACCEPTED, Json(m.restart(&name, params.force, timeout)?)))
+    let (force, timeout) = stop_params(params)?;
+    Ok((StatusCode::ACCEPTED, Json(m.restart(&name, force, timeout)?)))
 }
 
 /// Whether to follow.
