@@ -423,14 +423,18 @@ impl Manager {
 
     /// Updates a VM's record (in memory and in the store) through `change`.
     fn update(&self, name: &str, change: impl FnOnce(&mut Entry)) {
+        self.update_quietly(name, change);
+        self.changed.notify_waiters();
+    }
+
+    /// [`Manager::update`] without waking the waiters (the caller does, after its event).
+    fn update_quietly(&self, name: &str, change: impl FnOnce(&mut Entry)) {
         let mut vms = lock(&self.vms);
         let Some(entry) = vms.get_mut(name) else { return };
         change(entry);
         if let Err(e) = self.store.put_vm(&entry.record) {
             tracing::error!("{e}");
         }
-        drop(vms);
-        self.changed.notify_waiters();
     }
 
     /// Starts a stopped (or failed) VM: 202 with the operation.
@@ -565,7 +569,7 @@ impl Manager {
                 return; // it ended first: process_ended says how
             }
             let mut now_running = false;
-            manager.update(&owned, |entry| {
+            manager.update_quietly(&owned, |entry| {
                 let status = &mut entry.record.vm.status;
                 if entry.generation == generation && status.state == VmState::Starting {
                     status.state = VmState::Running;
@@ -575,6 +579,8 @@ impl Manager {
             if now_running {
                 manager.emit("vm.running", Some(&owned), None, &format!("VMM process {pid}"));
             }
+            // The start waiting on this wakes after the event.
+            manager.changed.notify_waiters();
         });
         Ok(generation)
     }
@@ -593,7 +599,9 @@ impl Manager {
         let mut restart = false;
         let mut stale = true;
         let files = VmFiles::new(&self.data_dir, name);
-        self.update(name, |entry| {
+        // Waiters (a stop) wake after the event, so the stream shows the VM stopped before
+        // the operation that stopped it succeeds.
+        self.update_quietly(name, |entry| {
             if entry.generation != generation {
                 return;
             }
@@ -628,6 +636,7 @@ impl Manager {
         // Empty now; a later start makes it again with the spec's limits then.
         self.cgroups.remove(name);
         self.emit(if failed { "vm.failed" } else { "vm.stopped" }, Some(name), None, &reason);
+        self.changed.notify_waiters();
         if restart {
             let manager = self.clone();
             let name = name.to_string();
