@@ -20,6 +20,7 @@ const K: [u32; 64] = [
 ];
 
 /// An MD5 computation in progress.
+#[derive(Clone)]
 pub struct Md5 {
     state: [u32; 4],
     block: [u8; 64],

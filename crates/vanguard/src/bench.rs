@@ -54,9 +54,10 @@ pub enum Bench {
         #[arg(long, default_value_t = 50)]
         concurrent: usize,
     },
-    /// Guest-to-host TCP over a TAP: the same Linux guest on QEMU with virtio-net served by
-    /// Vanguard's vhost-user-net backend and by QEMU's own TAP backend (run from the
-    /// repository root, after scripts/build-linux-guest.sh).
+    /// TCP over a TAP: Vanguard's VMM with the test guest's TCP, both ways; then the same
+    /// Linux guest on QEMU with virtio-net served by Vanguard's vhost-user-net backend and by
+    /// QEMU's own TAP backend (run from the repository root, after
+    /// scripts/build-linux-guest.sh; skipped without it).
     Net {
         /// MiB per run.
         #[arg(long, default_value_t = 32)]

@@ -18,7 +18,7 @@ mod common;
 use common::linux_qemu::{
     feature, linux_guest, run_qemu, tool_available, Proc, BACKEND_TIMEOUT, INIT,
 };
-use common::net::{net_available, ping, ping_available, take_subnet, Tap};
+use common::net::{accept_within, md5_hex, net_available, ping, ping_available, take_subnet, Tap};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -52,17 +52,6 @@ fn guest_line<'a>(console: &'a str, prefix: &str) -> HashMap<&'a str, &'a str> {
     lines[0].trim_end().split(' ').filter_map(|word| word.split_once('=')).collect()
 }
 
-fn md5_hex(bytes: &[u8]) -> String {
-    let mut child = Command::new("md5sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("md5sum runs");
-    child.stdin.take().expect("stdin").write_all(bytes).expect("feed md5sum");
-    let out = child.wait_with_output().expect("md5sum ends");
-    String::from_utf8_lossy(&out.stdout).split(' ').next().unwrap_or_default().to_string()
-}
-
 /// The host's side of the TCP exchange, on its own thread: takes the guest's bytes on
 /// `listener` and answers with their md5; then, once `go` says so, connects to the guest's
 /// `port + 1` (retrying until the guest listens) and sends `data`. Returns the bytes it
@@ -75,18 +64,7 @@ fn host_side(
     go: std::sync::mpsc::Receiver<()>,
 ) -> Vec<u8> {
     let deadline = Instant::now() + Duration::from_secs(90);
-    listener.set_nonblocking(true).unwrap();
-    let (mut conn, _) = loop {
-        match listener.accept() {
-            Ok(c) => break c,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                assert!(Instant::now() < deadline, "the guest did not connect");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => panic!("accept: {e}"),
-        }
-    };
-    conn.set_nonblocking(false).unwrap();
+    let mut conn = accept_within(&listener, Duration::from_secs(90));
     conn.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut received = Vec::new();
     conn.read_to_end(&mut received).expect("the guest's bytes");

@@ -11,8 +11,11 @@
 mod common;
 
 use common::guest;
-use common::net::{ip, link_exists, net_available, ping, ping_available, take_subnet, Tap};
-use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use common::net::{
+    accept_within, ip, link_exists, md5_hex, net_available, ping, ping_available, take_subnet, Tap,
+};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpListener, UdpSocket};
 use std::time::Duration;
 
 /// Sends a datagram to the guest's port 7 from `socket` and checks it comes back the same,
@@ -100,6 +103,63 @@ fn ping_and_udp_over_virtio_mmio_with_a_chosen_mac() {
         return;
     }
     round_trip(&["--virtio-transport", "mmio"], Some("52:54:00:ab:cd:ef"), "0xd0000000");
+}
+
+/// TCP between the test guest's own small TCP (`tcp` scenario) and the host's: 6 MiB from the
+/// guest, whose MD5 (the host's md5sum) the host sends back and the guest compares with its
+/// own; then 5 MiB of other bytes from the host, whose MD5 the guest sends back and the test
+/// compares with md5sum's. Two connections, one after the other, over virtio-pci.
+#[test]
+fn tcp_both_ways_with_md5_at_both_ends() {
+    if !net_available() {
+        return;
+    }
+    const GUEST_BYTES: usize = 6 << 20;
+    const HOST_BYTES: usize = 5 << 20;
+    let tap = Tap::create();
+    let (host, guest_ip) = (tap.host_ip(), tap.guest_ip());
+    let listener = TcpListener::bind((host, 0)).expect("listen on the TAP's address");
+    let port = listener.local_addr().unwrap().port();
+    let cmdline = format!(
+        "console=ttyS0 tcp={guest_ip},{host},{port},send:{GUEST_BYTES} \
+         tcp={guest_ip},{host},{port},recv"
+    );
+    let vm = guest(&cmdline, &["--net", &format!("tap={}", tap.name)]).spawn_interactive();
+
+    let mut conn = accept_within(&listener, Duration::from_secs(60));
+    assert_eq!(conn.peer_addr().unwrap().ip(), guest_ip);
+    conn.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut received = Vec::new();
+    conn.read_to_end(&mut received).expect("the guest's bytes, then its FIN");
+    assert_eq!(received.len(), GUEST_BYTES);
+    let guest_md5 = md5_hex(&received);
+    conn.write_all(guest_md5.as_bytes()).unwrap();
+    drop(conn);
+
+    let data = common::image(HOST_BYTES, 0x7463_7021);
+    let mut conn = accept_within(&listener, Duration::from_secs(60));
+    conn.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    conn.write_all(&data).expect("send to the guest");
+    conn.shutdown(Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).expect("the guest's md5, then its FIN");
+    let host_md5 = md5_hex(&data);
+    assert_eq!(answer, host_md5, "the guest's md5 of what the host sent");
+
+    let out = vm.finish();
+    out.assert_clean_exit();
+    let sent = out.line_starting("tcp: sent ");
+    assert!(
+        sent.starts_with(&format!("tcp: sent {GUEST_BYTES} bytes, md5 {guest_md5}, in ")),
+        "{sent}"
+    );
+    let got = out.line_starting("tcp: received ");
+    assert!(got.starts_with(&format!("tcp: received {HOST_BYTES} bytes, md5 {host_md5}, in ")));
+    out.assert_lines_in_order(&[
+        "tcp: the host's md5 matches: ok",
+        "tcp: md5 sent to the host: ok",
+        "vanguard-guest: done, powering off",
+    ]);
 }
 
 /// A TAP that does not exist is created by the VMM (a TAP with a virtio-net header), works

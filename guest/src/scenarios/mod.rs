@@ -20,6 +20,7 @@ mod powerbutton;
 mod reboot;
 mod rng;
 mod smp;
+mod tcp;
 mod vsock;
 
 /// A scenario's entry point: the boot information and the text after `=`, if any.
@@ -39,6 +40,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("powerbutton", powerbutton::run),
     ("rng", rng::run),
     ("net", net::run),
+    ("tcp", tcp::run),
     ("balloon", balloon::run),
     ("vsock", vsock::run),
     ("virtio", devices::run),

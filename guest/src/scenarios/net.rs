@@ -1,6 +1,7 @@
 //! `net=<guest-ip>,<host-ip>[,<count>]`: a tiny IPv4 host on the first virtio-net device
-//! (`vanguard run --net tap=...`), driven by polling: receive queue 0 keeps 16 buffers posted,
-//! transmit queue 1 sends one frame at a time. It answers ARP requests for `<guest-ip>` and
+//! (`vanguard run --net tap=...`), driven by polling: receive queue 0 keeps 64 buffers posted,
+//! transmit queue 1 has 32 buffers and is notified every 8 frames or when the host has nothing
+//! more to send. The same host carries the `tcp` scenario (`tcp.rs`). It answers ARP requests for `<guest-ip>` and
 //! ICMP echo requests to it, resolves `<host-ip>` with ARP and sends it one UDP datagram
 //! ("vanguard-guest hello 1", port 5555 to port 5555), and echoes UDP datagrams sent to its
 //! port 7. It ends when it has answered `<count>` (default 3) echo requests and echoed one
@@ -19,10 +20,13 @@ const TX_QUEUE: usize = 1;
 /// `virtio_net_hdr_v1`, before every frame both ways.
 const HEADER_LEN: usize = 12;
 /// Receive buffers kept posted, and the size of each (a header and a 1514-byte frame fit).
-const RX_BUFFERS: usize = 16;
-const BUFFER_LEN: usize = 2048;
+const RX_BUFFERS: usize = 64;
+pub(super) const BUFFER_LEN: usize = 2048;
+/// Transmit buffers, and how many frames are posted before the device is notified.
+const TX_BUFFERS: usize = 32;
+const TX_BATCH: usize = 8;
 /// The largest frame handled: Ethernet header and a 1500-byte payload.
-const MAX_FRAME: usize = 1514;
+pub(super) const MAX_FRAME: usize = 1514;
 /// How long the scenario may take, and how often it asks for the host's MAC address, in TSC
 /// cycles (about 10 s and 1 s at 2.5 GHz).
 const DEADLINE: u64 = 25_000_000_000;
@@ -32,32 +36,34 @@ const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 const HELLO_PORT: u16 = 5555;
 const ECHO_PORT: u16 = 7;
 
-const ETH_HLEN: usize = 14;
-const ETHERTYPE_IPV4: u16 = 0x0800;
+pub(super) const ETH_HLEN: usize = 14;
+pub(super) const ETHERTYPE_IPV4: u16 = 0x0800;
 const ETHERTYPE_ARP: u16 = 0x0806;
 const IP_ICMP: u8 = 1;
+pub(super) const IP_TCP: u8 = 6;
 const IP_UDP: u8 = 17;
 
 #[repr(C, align(4096))]
 struct Buffers {
     rx: [[u8; BUFFER_LEN]; RX_BUFFERS],
-    tx: [u8; BUFFER_LEN],
+    tx: [[u8; BUFFER_LEN]; TX_BUFFERS],
 }
-static mut BUFFERS: Buffers = Buffers { rx: [[0; BUFFER_LEN]; RX_BUFFERS], tx: [0; BUFFER_LEN] };
+static mut BUFFERS: Buffers =
+    Buffers { rx: [[0; BUFFER_LEN]; RX_BUFFERS], tx: [[0; BUFFER_LEN]; TX_BUFFERS] };
 
 fn rx_buffer(slot: usize) -> u64 {
     // SAFETY: only the address is taken; the slot is below RX_BUFFERS.
     unsafe { core::ptr::addr_of_mut!(BUFFERS.rx[slot]) as u64 }
 }
 
-fn tx_buffer() -> u64 {
-    // SAFETY: only the address is taken.
-    unsafe { core::ptr::addr_of_mut!(BUFFERS.tx) as u64 }
+fn tx_buffer(slot: usize) -> u64 {
+    // SAFETY: only the address is taken; the slot is below TX_BUFFERS.
+    unsafe { core::ptr::addr_of_mut!(BUFFERS.tx[slot]) as u64 }
 }
 
 /// An IPv4 address, printed dotted.
 #[derive(Clone, Copy, PartialEq, Eq)]
-struct Ip([u8; 4]);
+pub(super) struct Ip(pub(super) [u8; 4]);
 
 impl fmt::Display for Ip {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -67,7 +73,7 @@ impl fmt::Display for Ip {
 }
 
 impl Ip {
-    fn parse(text: &str) -> Option<Ip> {
+    pub(super) fn parse(text: &str) -> Option<Ip> {
         let mut ip = [0u8; 4];
         let mut parts = text.split('.');
         for byte in &mut ip {
@@ -78,7 +84,7 @@ impl Ip {
 }
 
 /// A MAC address, printed with colons.
-struct Mac([u8; 6]);
+pub(super) struct Mac(pub(super) [u8; 6]);
 
 impl fmt::Display for Mac {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -87,16 +93,16 @@ impl fmt::Display for Mac {
     }
 }
 
-fn be16(b: &[u8], at: usize) -> u16 {
+pub(super) fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }
 
-fn put16(b: &mut [u8], at: usize, value: u16) {
+pub(super) fn put16(b: &mut [u8], at: usize, value: u16) {
     b[at..at + 2].copy_from_slice(&value.to_be_bytes());
 }
 
 /// Adds `data` to a ones'-complement sum of 16-bit big-endian words (RFC 1071).
-fn sum(data: &[u8], mut acc: u64) -> u64 {
+pub(super) fn sum(data: &[u8], mut acc: u64) -> u64 {
     for pair in data.chunks(2) {
         let hi = u64::from(pair[0]) << 8;
         acc += hi | pair.get(1).map_or(0, |lo| u64::from(*lo));
@@ -106,7 +112,7 @@ fn sum(data: &[u8], mut acc: u64) -> u64 {
 
 /// Folds a sum into its 16-bit ones' complement: the checksum to store (or 0 if the data,
 /// checksum included, is intact).
-fn fold(mut acc: u64) -> u16 {
+pub(super) fn fold(mut acc: u64) -> u16 {
     while acc >> 16 != 0 {
         acc = (acc & 0xffff) + (acc >> 16);
     }
@@ -148,36 +154,135 @@ impl fmt::Write for Cursor<'_> {
     }
 }
 
+/// A TCP segment addressed to this host, as `Host::receive` finds it: the sender and where the
+/// segment (header and payload) lies in the frame.
+pub(super) struct TcpSegment {
+    pub(super) src: Ip,
+    pub(super) start: usize,
+    pub(super) end: usize,
+}
+
 /// The guest's side of the network.
-struct Host {
+pub(super) struct Host {
     dev: Device,
     mac: [u8; 6],
-    ip: Ip,
-    peer: Ip,
-    peer_mac: Option<[u8; 6]>,
+    pub(super) ip: Ip,
+    pub(super) peer: Ip,
+    pub(super) peer_mac: Option<[u8; 6]>,
     /// Which receive buffer each head descriptor carries.
     slot_of: [u8; crate::virtio::MAX_QUEUE_SIZE as usize],
+    /// Which transmit buffer each head descriptor carries, and the free transmit buffers.
+    tx_slot_of: [u8; crate::virtio::MAX_QUEUE_SIZE as usize],
+    tx_free: [u8; TX_BUFFERS],
+    tx_free_count: usize,
+    /// Frames posted on the transmit queue since the last notification.
+    unnotified: usize,
+    next_arp: u64,
     ip_id: u16,
     pings: u64,
     echoed: bool,
 }
 
 impl Host {
-    /// Sends one Ethernet frame (header added here) and waits until the device took it.
-    fn send(&mut self, frame: &[u8]) -> Result<(), &'static str> {
+    /// Brings up the first virtio-net device for `ip`, talking to `peer`, with every receive
+    /// buffer posted.
+    pub(super) fn open(info: &BootInfo, ip: Ip, peer: Ip) -> Result<Host, &'static str> {
+        let found = Device::find_nth(info, VIRTIO_ID_NET, 0)?;
+        let dev = Device::open_with(&found, 2, VIRTIO_NET_F_MAC)?;
+        let mut mac = DEFAULT_MAC;
+        if dev.offered_features() & VIRTIO_NET_F_MAC != 0 {
+            for (i, byte) in mac.iter_mut().enumerate() {
+                *byte = dev.config8(i as u64);
+            }
+        }
+        println!("net: up, mac {}, ip {ip}, virtio-net at {:#x}", Mac(mac), dev.base());
+        let mut tx_free = [0u8; TX_BUFFERS];
+        for (slot, free) in tx_free.iter_mut().enumerate() {
+            *free = slot as u8;
+        }
+        let mut host = Host {
+            dev,
+            mac,
+            ip,
+            peer,
+            peer_mac: None,
+            slot_of: [0; crate::virtio::MAX_QUEUE_SIZE as usize],
+            tx_slot_of: [0; crate::virtio::MAX_QUEUE_SIZE as usize],
+            tx_free,
+            tx_free_count: TX_BUFFERS,
+            unnotified: 0,
+            next_arp: 0,
+            ip_id: 0,
+            pings: 0,
+            echoed: false,
+        };
+        for slot in 0..RX_BUFFERS {
+            host.post_rx(slot)?;
+        }
+        host.dev.notify_queue(RX_QUEUE);
+        Ok(host)
+    }
+
+    /// Takes the transmit buffers the device has used back.
+    fn reclaim_tx(&mut self) -> Result<(), &'static str> {
+        while let Some((head, _)) = self.dev.poll_queue(TX_QUEUE)? {
+            let slot = self.tx_slot_of[usize::from(head)];
+            if self.tx_free_count >= TX_BUFFERS
+                || self.tx_free[..self.tx_free_count].contains(&slot)
+            {
+                return Err("the device used a transmit buffer twice");
+            }
+            self.tx_free[self.tx_free_count] = slot;
+            self.tx_free_count += 1;
+        }
+        Ok(())
+    }
+
+    /// Queues one Ethernet frame (header added here) for the device, waiting for a free
+    /// transmit buffer if all are in flight; the device is notified every TX_BATCH frames
+    /// (`flush` notifies the rest).
+    pub(super) fn send(&mut self, frame: &[u8]) -> Result<(), &'static str> {
         let len = frame.len();
         if len > MAX_FRAME {
             return Err("frame too long");
         }
-        // SAFETY: the transmit buffer is not with the device (one frame at a time, and
-        // `submit_to` waits until the device used it).
+        self.reclaim_tx()?;
+        if self.tx_free_count == 0 {
+            self.flush();
+            let deadline = io::rdtsc() + DEADLINE;
+            while self.tx_free_count == 0 {
+                if io::rdtsc() > deadline {
+                    return Err("the device did not use the transmit buffers");
+                }
+                core::hint::spin_loop();
+                self.reclaim_tx()?;
+            }
+        }
+        self.tx_free_count -= 1;
+        let slot = usize::from(self.tx_free[self.tx_free_count]);
+        // SAFETY: transmit buffer `slot` is free: not posted, or used by the device and
+        // reclaimed; nothing else refers to it.
         unsafe {
-            let tx = core::ptr::addr_of_mut!(BUFFERS.tx) as *mut u8;
+            let tx = core::ptr::addr_of_mut!(BUFFERS.tx[slot]) as *mut u8;
             core::ptr::write_bytes(tx, 0, HEADER_LEN);
             core::ptr::copy_nonoverlapping(frame.as_ptr(), tx.add(HEADER_LEN), len);
         }
-        self.dev.submit_to(TX_QUEUE, &[(tx_buffer(), (HEADER_LEN + len) as u32, false)])?;
+        let head =
+            self.dev.post_to(TX_QUEUE, &[(tx_buffer(slot), (HEADER_LEN + len) as u32, false)])?;
+        self.tx_slot_of[usize::from(head)] = slot as u8;
+        self.unnotified += 1;
+        if self.unnotified >= TX_BATCH {
+            self.flush();
+        }
         Ok(())
+    }
+
+    /// Notifies the device of frames posted since the last notification.
+    pub(super) fn flush(&mut self) {
+        if self.unnotified > 0 {
+            self.dev.notify_queue(TX_QUEUE);
+            self.unnotified = 0;
+        }
     }
 
     /// Makes receive buffer `slot` available again.
@@ -187,8 +292,39 @@ impl Host {
         Ok(())
     }
 
+    /// Copies the next received frame (virtio header stripped) into `frame` and gives its
+    /// buffer back to the device; None if nothing arrived.
+    pub(super) fn next_frame(
+        &mut self,
+        frame: &mut [u8; BUFFER_LEN],
+    ) -> Result<Option<usize>, &'static str> {
+        let Some((head, len)) = self.dev.poll_queue(RX_QUEUE)? else { return Ok(None) };
+        let slot = usize::from(self.slot_of[usize::from(head)]);
+        let len = (len as usize).min(BUFFER_LEN);
+        // SAFETY: the device used the buffer and no longer writes it until it is posted again.
+        unsafe {
+            let src = core::ptr::addr_of!(BUFFERS.rx[slot]) as *const u8;
+            core::ptr::copy_nonoverlapping(src, frame.as_mut_ptr(), len);
+        }
+        self.post_rx(slot)?;
+        self.dev.notify_queue(RX_QUEUE);
+        let len = len.saturating_sub(HEADER_LEN);
+        frame.copy_within(HEADER_LEN..HEADER_LEN + len, 0);
+        Ok(Some(len))
+    }
+
+    /// Asks for the peer's MAC address (again every ~1 s) until it is known.
+    pub(super) fn resolve(&mut self, now: u64) -> Result<(), &'static str> {
+        if self.peer_mac.is_none() && now >= self.next_arp {
+            self.arp(None)?;
+            self.flush();
+            self.next_arp = now + ARP_RETRY;
+        }
+        Ok(())
+    }
+
     /// An Ethernet header to `dst` of `ethertype`, at the start of `frame`.
-    fn ethernet(&self, frame: &mut [u8], dst: [u8; 6], ethertype: u16) {
+    pub(super) fn ethernet(&self, frame: &mut [u8], dst: [u8; 6], ethertype: u16) {
         frame[0..6].copy_from_slice(&dst);
         frame[6..12].copy_from_slice(&self.mac);
         put16(frame, 12, ethertype);
@@ -230,7 +366,7 @@ impl Host {
     }
 
     /// A 20-byte IPv4 header from this host to `dst`.
-    fn ip_header(&mut self, h: &mut [u8], protocol: u8, total: usize, dst: Ip) {
+    pub(super) fn ip_header(&mut self, h: &mut [u8], protocol: u8, total: usize, dst: Ip) {
         self.ip_id = self.ip_id.wrapping_add(1);
         h[0] = 0x45;
         h[1] = 0;
@@ -244,15 +380,16 @@ impl Host {
         ip_checksum(h);
     }
 
-    /// Handles one received frame (without its virtio header).
-    fn receive(&mut self, frame: &[u8]) -> Result<(), &'static str> {
+    /// Handles one received frame (without its virtio header): answers ARP, ICMP echo and UDP
+    /// echo itself, and returns a TCP segment to this host for the caller.
+    pub(super) fn receive(&mut self, frame: &[u8]) -> Result<Option<TcpSegment>, &'static str> {
         if frame.len() < ETH_HLEN {
-            return Ok(());
+            return Ok(None);
         }
         match be16(frame, 12) {
-            ETHERTYPE_ARP => self.receive_arp(frame),
+            ETHERTYPE_ARP => self.receive_arp(frame).map(|()| None),
             ETHERTYPE_IPV4 => self.receive_ipv4(frame),
-            _ => Ok(()),
+            _ => Ok(None),
         }
     }
 
@@ -277,28 +414,32 @@ impl Host {
         Ok(())
     }
 
-    fn receive_ipv4(&mut self, f: &[u8]) -> Result<(), &'static str> {
+    fn receive_ipv4(&mut self, f: &[u8]) -> Result<Option<TcpSegment>, &'static str> {
         let ip = &f[ETH_HLEN..];
         if ip.len() < 20 || ip[0] >> 4 != 4 {
-            return Ok(());
+            return Ok(None);
         }
         let ihl = usize::from(ip[0] & 15) * 4;
         let total = usize::from(be16(ip, 2));
         if ihl < 20 || total < ihl || total > ip.len() || fold(sum(&ip[..ihl], 0)) != 0 {
-            return Ok(());
+            return Ok(None);
         }
         // Fragments (more-fragments set, or an offset) are not reassembled.
         if be16(ip, 6) & 0x3fff != 0 || ip[16..20] != self.ip.0 {
-            return Ok(());
+            return Ok(None);
         }
         let src = Ip([ip[12], ip[13], ip[14], ip[15]]);
         let mut dst_mac = [0u8; 6];
         dst_mac.copy_from_slice(&f[6..12]);
         let payload = &ip[ihl..total];
         match ip[9] {
-            IP_ICMP => self.receive_icmp(dst_mac, src, payload),
-            IP_UDP => self.receive_udp(dst_mac, src, payload),
-            _ => Ok(()),
+            IP_ICMP => self.receive_icmp(dst_mac, src, payload).map(|()| None),
+            IP_UDP => self.receive_udp(dst_mac, src, payload).map(|()| None),
+            IP_TCP => {
+                let start = ETH_HLEN + ihl;
+                Ok(Some(TcpSegment { src, start, end: ETH_HLEN + total }))
+            }
+            _ => Ok(None),
         }
     }
 
@@ -404,35 +545,12 @@ impl fmt::Display for Failure {
 }
 
 fn serve(info: &BootInfo, ip: Ip, peer: Ip, count: u64) -> Result<(), Failure> {
-    let found = Device::find_nth(info, VIRTIO_ID_NET, 0)?;
-    let dev = Device::open_with(&found, 2, VIRTIO_NET_F_MAC)?;
-    let mut mac = DEFAULT_MAC;
-    if dev.offered_features() & VIRTIO_NET_F_MAC != 0 {
-        for (i, byte) in mac.iter_mut().enumerate() {
-            *byte = dev.config8(i as u64);
-        }
-    }
-    println!("net: up, mac {}, ip {ip}, virtio-net at {:#x}", Mac(mac), dev.base());
-    let mut host = Host {
-        dev,
-        mac,
-        ip,
-        peer,
-        peer_mac: None,
-        slot_of: [0; crate::virtio::MAX_QUEUE_SIZE as usize],
-        ip_id: 0,
-        pings: 0,
-        echoed: false,
-    };
-    for slot in 0..RX_BUFFERS {
-        host.post_rx(slot)?;
-    }
-    host.dev.notify_queue(RX_QUEUE);
+    let mut host = Host::open(info, ip, peer)?;
     let start = io::rdtsc();
-    let mut next_arp = start;
     let mut hello_sent = false;
     let mut frame = [0u8; BUFFER_LEN];
     while host.pings < count || !host.echoed {
+        host.flush();
         let now = io::rdtsc();
         if now - start > DEADLINE {
             return Err(Failure::TimedOut {
@@ -442,34 +560,19 @@ fn serve(info: &BootInfo, ip: Ip, peer: Ip, count: u64) -> Result<(), Failure> {
                 resolved: host.peer_mac.is_some(),
             });
         }
-        match host.peer_mac {
-            None if now >= next_arp => {
-                host.arp(None)?;
-                next_arp = now + ARP_RETRY;
-            }
-            Some(mac) if !hello_sent => {
-                host.hello(mac, 1)?;
-                hello_sent = true;
-                println!("net: udp sent to {peer}:{HELLO_PORT}");
-            }
-            _ => {}
+        host.resolve(now)?;
+        if let (Some(mac), false) = (host.peer_mac, hello_sent) {
+            host.hello(mac, 1)?;
+            hello_sent = true;
+            println!("net: udp sent to {peer}:{HELLO_PORT}");
         }
-        let Some((head, len)) = host.dev.poll_queue(RX_QUEUE)? else {
-            core::hint::spin_loop();
-            continue;
-        };
-        let slot = usize::from(host.slot_of[usize::from(head)]);
-        let len = (len as usize).min(BUFFER_LEN);
-        // SAFETY: the device used the buffer and no longer writes it until it is posted again.
-        unsafe {
-            let src = core::ptr::addr_of!(BUFFERS.rx[slot]) as *const u8;
-            core::ptr::copy_nonoverlapping(src, frame.as_mut_ptr(), len);
-        }
-        host.post_rx(slot)?;
-        host.dev.notify_queue(RX_QUEUE);
-        if len > HEADER_LEN {
-            host.receive(&frame[HEADER_LEN..len])?;
+        match host.next_frame(&mut frame)? {
+            Some(len) => {
+                host.receive(&frame[..len])?;
+            }
+            None => core::hint::spin_loop(),
         }
     }
+    host.flush();
     Ok(())
 }

@@ -1,11 +1,13 @@
 //! TAP devices for the network tests: whether they can run here, and TAPs on free subnets that
 //! are deleted whatever happens.
 
-use std::net::Ipv4Addr;
+use std::io::Write;
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// Whether the network tests can run here; prints why not (or fails under
 /// VANGUARD_REQUIRE_KVM=1).
@@ -158,4 +160,34 @@ pub fn ping(ip: Ipv4Addr, count: u32) {
         "ping {ip}: {stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The MD5 of `bytes` as the host's `md5sum` computes it (32 hex digits).
+pub fn md5_hex(bytes: &[u8]) -> String {
+    let mut child = Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("md5sum runs");
+    child.stdin.take().expect("stdin").write_all(bytes).expect("feed md5sum");
+    let out = child.wait_with_output().expect("md5sum ends");
+    String::from_utf8_lossy(&out.stdout).split(' ').next().unwrap_or_default().to_string()
+}
+
+/// The next connection on `listener`, in blocking mode; panics after `within`.
+pub fn accept_within(listener: &TcpListener, within: Duration) -> TcpStream {
+    let deadline = Instant::now() + within;
+    listener.set_nonblocking(true).unwrap();
+    let conn = loop {
+        match listener.accept() {
+            Ok((c, _)) => break c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "nobody connected within {within:?}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
+    conn.set_nonblocking(false).unwrap();
+    conn
 }
