@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod spec;
+pub mod vmm;
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -181,6 +182,8 @@ pub enum VmState {
     Starting,
     /// Its VMM process runs.
     Running,
+    /// Its VMM process runs with the vCPUs paused.
+    Paused,
     /// Being stopped (power button pressed, or killed).
     Stopping,
     /// Its process ended with an error, or vanished.
@@ -248,6 +251,10 @@ pub enum OperationKind {
     Stop,
     /// Restart a VM (stop, then start).
     Restart,
+    /// Pause a running VM's vCPUs.
+    Pause,
+    /// Resume a paused VM.
+    Resume,
 }
 
 /// Where an operation is.

@@ -36,6 +36,16 @@ impl VmFiles {
         self.dir.join("console.in")
     }
 
+    /// The per-VM API socket of Vanguard's VMM (`vanguard vmm --api-socket`).
+    pub fn api_socket(&self) -> PathBuf {
+        self.dir.join("vmm.sock")
+    }
+
+    /// QEMU's QMP socket.
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+
     /// The VMM's own output (errors, its report of how the VM ended).
     pub fn vmm_log(&self) -> PathBuf {
         self.dir.join("vmm.log")
@@ -45,7 +55,7 @@ impl VmFiles {
 /// The arguments of `vanguard` that run `spec` with its console in `console`.
 pub fn vmm_args(spec: &VmSpec, console: &Path) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec![
-        "run".into(),
+        "vmm".into(),
         "--cpus".into(),
         spec.cpus.to_string().into(),
         "--memory".into(),
@@ -178,12 +188,9 @@ pub struct Invocation {
 
 /// The Vanguard driver: `vanguard run` with the spec's flags.
 pub fn vanguard_invocation(exe: &Path, spec: &VmSpec, files: &VmFiles) -> Invocation {
-    Invocation {
-        program: exe.to_path_buf(),
-        args: vmm_args(spec, &files.console()),
-        stdout_is_console: false,
-        qmp: None,
-    }
+    let mut args = vmm_args(spec, &files.console());
+    args.extend(["--api-socket".into(), files.api_socket().into()]);
+    Invocation { program: exe.to_path_buf(), args, stdout_is_console: false, qmp: None }
 }
 
 /// Whether this host has hardware virtualization KVM can use to run any guest (not PVM).
@@ -203,7 +210,7 @@ pub fn qemu_invocation(spec: &VmSpec, files: &VmFiles) -> Invocation {
         api::Accel::Auto if hardware_virtualization() => "kvm",
         api::Accel::Auto => "tcg",
     };
-    let qmp = files.dir.join("qmp.sock");
+    let qmp = files.qmp_socket();
     let mut args: Vec<OsString> = vec![
         "-machine".into(),
         format!("q35,accel={accel}").into(),
@@ -261,6 +268,42 @@ pub async fn qmp(socket: &Path, command: &str) -> io::Result<String> {
     qmp_reply(&mut lines).await?;
     write.write_all(format!("{{\"execute\": \"{command}\"}}\n").as_bytes()).await?;
     qmp_reply(&mut lines).await
+}
+
+/// Pauses (`pause`) or resumes a VM's vCPUs: through the per-VM API of Vanguard's VMM, or QMP
+/// `stop`/`cont` for QEMU.
+pub async fn set_paused(
+    hypervisor: api::Hypervisor,
+    files: &VmFiles,
+    pause: bool,
+) -> Result<(), String> {
+    match hypervisor {
+        api::Hypervisor::Vanguard => {
+            let path = if pause { "/v1/vm/pause" } else { "/v1/vm/resume" };
+            let client = api::client::Client::unix(files.api_socket());
+            let (status, body) = client
+                .raw("PUT", path, None)
+                .await
+                .map_err(|e| format!("the VMM's API socket: {e}"))?;
+            if status == 200 {
+                return Ok(());
+            }
+            let error = serde_json::from_slice::<api::ApiError>(&body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+            Err(format!("the VMM refused ({status}): {error}"))
+        }
+        api::Hypervisor::Qemu => {
+            let reply = qmp(&files.qmp_socket(), if pause { "stop" } else { "cont" })
+                .await
+                .map_err(|e| format!("QMP: {e}"))?;
+            if reply.contains("\"return\"") {
+                Ok(())
+            } else {
+                Err(format!("QMP refused: {reply}"))
+            }
+        }
+    }
 }
 
 /// The next QMP line that is a greeting or an answer (asynchronous events are skipped).
@@ -486,7 +529,7 @@ mod tests {
             .collect();
         assert_eq!(
             args.join(" "),
-            "run --cpus 2 --memory 256M --serial file:/data/c.log --serial-max 1M --kernel /k --cmdline \
+            "vmm --cpus 2 --memory 256M --serial file:/data/c.log --serial-max 1M --kernel /k --cmdline \
              console=ttyS0 x --disk path=/d.img,readonly=on,serial=s1 --net \
              tap=t0,mac=52:54:00:00:00:09 --vsock cid=7,socket=/v.sock"
         );

@@ -144,8 +144,10 @@ impl Manager {
     fn adopt(self: &Arc<Self>, mut record: VmRecord) -> Result<(), Failure> {
         let name = record.vm.spec.name.clone();
         let status = &mut record.vm.status;
-        let had_process =
-            matches!(status.state, VmState::Running | VmState::Starting | VmState::Stopping);
+        let had_process = matches!(
+            status.state,
+            VmState::Running | VmState::Starting | VmState::Stopping | VmState::Paused
+        );
         let mut watch = None;
         if had_process {
             let console = VmFiles::new(&self.data_dir, &name).console();
@@ -159,7 +161,10 @@ impl Manager {
             };
             match found {
                 Some((pid, start)) => {
-                    status.state = VmState::Running;
+                    // Only the daemon pauses and resumes: a paused VM is still paused.
+                    if status.state != VmState::Paused {
+                        status.state = VmState::Running;
+                    }
                     status.pid = Some(pid);
                     status.started_at = status.started_at.or(Some(api::now_secs()));
                     record.proc_start = start;
@@ -693,9 +698,11 @@ impl Manager {
         timeout: Duration,
     ) -> Result<String, String> {
         let mut pid = None;
+        let mut was_paused = false;
         self.update(name, |entry| {
             entry.stop_requested = true;
             pid = entry.record.vm.status.pid;
+            was_paused = entry.record.vm.status.state == VmState::Paused;
             if pid.is_some() {
                 entry.record.vm.status.state = VmState::Stopping;
             }
@@ -707,6 +714,15 @@ impl Manager {
             Some(op),
             if force { "killing" } else { "power button" },
         );
+        if !force && was_paused {
+            // A paused guest cannot see the power button.
+            self.progress(op, "resuming the paused VM so that the guest can shut down");
+            let hypervisor = self.get(name).map_err(|e| e.error.error)?.spec.hypervisor;
+            let files = VmFiles::new(&self.data_dir, name);
+            if let Err(e) = driver::set_paused(hypervisor, &files, false).await {
+                self.progress(op, &format!("cannot resume ({e}); waiting anyway"));
+            }
+        }
         if !force {
             self.progress(
                 op,
@@ -718,7 +734,7 @@ impl Manager {
             let qemu = self.get(name).is_ok_and(|vm| vm.spec.hypervisor == api::Hypervisor::Qemu);
             if qemu {
                 // QEMU ends at SIGTERM without asking the guest: press the button over QMP.
-                let socket = VmFiles::new(&self.data_dir, name).dir.join("qmp.sock");
+                let socket = VmFiles::new(&self.data_dir, name).qmp_socket();
                 if let Err(e) = driver::qmp(&socket, "system_powerdown").await {
                     self.progress(
                         op,
@@ -739,6 +755,56 @@ impl Manager {
         } else {
             Err(format!("VMM process {pid} did not end after SIGKILL"))
         }
+    }
+
+    /// Pauses (`pause`) or resumes a VM: 202 with the operation. Pausing needs a running VM,
+    /// resuming a paused one.
+    pub fn set_paused(self: &Arc<Self>, name: &str, pause: bool) -> Result<Operation, Failure> {
+        let (kind, wanted, verb) = if pause {
+            (OperationKind::Pause, VmState::Running, "running")
+        } else {
+            (OperationKind::Resume, VmState::Paused, "paused")
+        };
+        let op = self.begin(name, kind, |entry| {
+            let state = entry.record.vm.status.state;
+            if state == wanted {
+                Ok(())
+            } else {
+                Err(Failure::conflict(format!("'{name}' is {} (not {verb})", state_name(state))))
+            }
+        })?;
+        let manager = self.clone();
+        let (name, id) = (name.to_string(), op.id);
+        tokio::spawn(async move {
+            let result = manager.run_set_paused(&name, pause).await;
+            manager.finish(id, result);
+        });
+        Ok(op)
+    }
+
+    async fn run_set_paused(&self, name: &str, pause: bool) -> Result<String, String> {
+        let spec = self.get(name).map_err(|e| e.error.error)?.spec;
+        let files = VmFiles::new(&self.data_dir, name);
+        driver::set_paused(spec.hypervisor, &files, pause).await?;
+        let (from, to, kind, text) = if pause {
+            (VmState::Running, VmState::Paused, "vm.paused", "paused")
+        } else {
+            (VmState::Paused, VmState::Running, "vm.resumed", "resumed")
+        };
+        let mut changed = false;
+        self.update_quietly(name, |entry| {
+            let status = &mut entry.record.vm.status;
+            if status.state == from && status.pid.is_some() {
+                status.state = to;
+                changed = true;
+            }
+        });
+        if !changed {
+            return Err("the VM's process ended meanwhile".into());
+        }
+        self.emit(kind, Some(name), None, text);
+        self.changed.notify_waiters();
+        Ok(text.into())
     }
 
     /// Restarts a VM: stops it if it runs (as [`Manager::stop`]), then starts it.
@@ -812,5 +878,17 @@ impl Manager {
     pub fn console(&self, name: &str) -> Result<Vec<u8>, Failure> {
         self.get(name)?;
         Ok(std::fs::read(VmFiles::new(&self.data_dir, name).console()).unwrap_or_default())
+    }
+}
+
+/// A state's name in messages (as the API spells it).
+fn state_name(state: VmState) -> &'static str {
+    match state {
+        VmState::Stopped => "stopped",
+        VmState::Starting => "starting",
+        VmState::Running => "running",
+        VmState::Paused => "paused",
+        VmState::Stopping => "stopping",
+        VmState::Failed => "failed",
     }
 }

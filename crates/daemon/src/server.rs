@@ -35,6 +35,8 @@ use utoipa::OpenApi;
         start_vm,
         stop_vm,
         restart_vm,
+        pause_vm,
+        resume_vm,
         console,
         list_operations,
         get_operation,
@@ -83,6 +85,8 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/vms/{name}/start", post(start_vm))
         .route("/v1/vms/{name}/stop", post(stop_vm))
         .route("/v1/vms/{name}/restart", post(restart_vm))
+        .route("/v1/vms/{name}/pause", post(pause_vm))
+        .route("/v1/vms/{name}/resume", post(resume_vm))
         .route("/v1/vms/{name}/console", get(console).post(console_input))
         .route("/v1/operations", get(list_operations))
         .route("/v1/operations/{id}", get(get_operation))
@@ -184,6 +188,26 @@ async fn stop_vm(
 ) -> Result<(StatusCode, Json<Operation>), Failure> {
     let (force, timeout) = stop_params(params)?;
     Ok((StatusCode::ACCEPTED, Json(m.stop(&name, force, timeout)?)))
+}
+
+/// Pauses a running VM: its vCPUs stop (its devices and memory stay); the VM is `paused`.
+#[utoipa::path(post, path = "/v1/vms/{name}/pause", params(("name" = String, Path)), responses(
+    (status = 202, body = Operation), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn pause_vm(
+    State(m): Shared,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<Operation>), Failure> {
+    Ok((StatusCode::ACCEPTED, Json(m.set_paused(&name, true)?)))
+}
+
+/// Resumes a paused VM.
+#[utoipa::path(post, path = "/v1/vms/{name}/resume", params(("name" = String, Path)), responses(
+    (status = 202, body = Operation), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn resume_vm(
+    State(m): Shared,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<Operation>), Failure> {
+    Ok((StatusCode::ACCEPTED, Json(m.set_paused(&name, false)?)))
 }
 
 /// Restarts a running VM (stop with the power button, then start), or starts a stopped one.
@@ -467,6 +491,7 @@ async fn metrics(State(m): Shared) -> Response {
         (VmState::Stopped, "stopped"),
         (VmState::Starting, "starting"),
         (VmState::Running, "running"),
+        (VmState::Paused, "paused"),
         (VmState::Stopping, "stopping"),
         (VmState::Failed, "failed"),
     ] {

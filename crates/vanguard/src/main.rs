@@ -5,6 +5,7 @@ mod bench_api;
 mod bench_net;
 mod manage;
 mod size;
+mod vmm_api;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -26,7 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run one VM in the foreground until the guest powers off.
+    /// Run one VM in the foreground until the guest powers off (also `vanguard vmm`).
+    #[command(visible_alias = "vmm")]
     Run(RunArgs),
     /// Measure boot time, memory overhead and exit cost (see docs/performance.md).
     #[command(subcommand)]
@@ -176,6 +178,10 @@ struct RunArgs {
     /// connections to host port P go to the socket PATH_P. Numbered after the entropy device.
     #[arg(long, value_parser = parse_vsock)]
     vsock: Option<vmm::VsockConfig>,
+    /// Serve the per-VM API on the Unix socket PATH (mode 0600): GET /v1/vm, PUT
+    /// /v1/vm/pause|resume|shutdown, GET /metrics (docs/api.md).
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
     /// For supervisors (the daemon): an inherited descriptor to write one byte to, and close,
     /// once every vCPU runs.
     #[arg(long, hide = true, value_name = "FD")]
@@ -414,7 +420,13 @@ fn run(args: RunArgs, start: Instant) -> Result<VmOutcome, vmm::VmmError> {
         None
     };
     config.interactive_console = _raw.is_some();
-    Vm::run(config)
+    let control = vmm::VmControl::new(usize::from(config.cpus), config.memory);
+    // Removed when the VM ends.
+    let _api = match &args.api_socket {
+        Some(path) => Some(vmm_api::start(path, control.clone())?),
+        None => None,
+    };
+    Vm::run_controlled(config, control)
 }
 
 /// Prints an error and its chain of causes on one line each.

@@ -105,6 +105,22 @@ pub enum VmCommand {
     },
     /// Stop a VM: the ACPI power button, then a kill after --timeout; --force kills at once.
     Stop(StopArgs),
+    /// Pause a running VM's vCPUs (its memory and devices stay).
+    Pause {
+        /// The VM.
+        name: String,
+        /// Return once the operation is accepted.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Resume a paused VM.
+    Resume {
+        /// The VM.
+        name: String,
+        /// Return once the operation is accepted.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Stop (if running), then start a VM.
     Restart(StopArgs),
     /// Remove a VM that is not running.
@@ -515,6 +531,14 @@ pub fn vm(command: VmCommand, args: ClientArgs) -> ExitCode {
             }
             VmCommand::Start { name, no_wait } => {
                 let op: Operation = client.post(&format!("/v1/vms/{name}/start"), &()).await?;
+                finish(&client, op, no_wait, output).await?;
+            }
+            VmCommand::Pause { name, no_wait } => {
+                let op: Operation = client.post(&format!("/v1/vms/{name}/pause"), &()).await?;
+                finish(&client, op, no_wait, output).await?;
+            }
+            VmCommand::Resume { name, no_wait } => {
+                let op: Operation = client.post(&format!("/v1/vms/{name}/resume"), &()).await?;
                 finish(&client, op, no_wait, output).await?;
             }
             VmCommand::Stop(stop) => {

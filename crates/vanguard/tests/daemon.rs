@@ -91,7 +91,7 @@ fn vmm_pids(data: &Path) -> Vec<u32> {
         };
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
         let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if text.contains(" run ") && text.contains(&needle) {
+        if (text.contains(" vmm ") || text.contains(" run ")) && text.contains(&needle) {
             let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
             if !stat.contains(") Z") {
                 pids.push(pid);
@@ -933,6 +933,24 @@ fn qemu_runs_linux_through_the_daemon() {
     assert!(String::from_utf8_lossy(&cmdline).contains("qemu-system-x86_64"));
     wait_console("VANGUARD-LINUX-INIT: reached init");
     wait_console("VANGUARD-LINUX-INIT: shell");
+    // Paused (QMP stop), the shell does not run what is typed; resumed (QMP cont), it does.
+    rt.block_on(async {
+        let op: Operation = client.post("/v1/vms/linux/pause", &()).await.unwrap();
+        assert_eq!(wait_op(&client, &op).await.state, OperationState::Succeeded);
+        let vm: Vm = client.get("/v1/vms/linux").await.unwrap();
+        assert_eq!(vm.status.state, VmState::Paused);
+        client
+            .post_bytes("/v1/vms/linux/console", b"echo paused-$((6*7))\n".to_vec())
+            .await
+            .unwrap();
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(!console(&client).contains("paused-42"), "a paused guest ran a command");
+    rt.block_on(async {
+        let op: Operation = client.post("/v1/vms/linux/resume", &()).await.unwrap();
+        assert_eq!(wait_op(&client, &op).await.state, OperationState::Succeeded);
+    });
+    wait_console("paused-42");
     // Leave the shell: /init powers off, QEMU exits 0, the VM is stopped.
     std::thread::sleep(Duration::from_millis(500));
     rt.block_on(client.post_bytes("/v1/vms/linux/console", b"exit\n".to_vec())).unwrap();
@@ -962,4 +980,106 @@ fn qemu_runs_linux_through_the_daemon() {
             "{done:?}"
         );
     });
+}
+
+/// CPU seconds per second a process used over `span`.
+fn cpu_use(pid: u32, span: Duration) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let (t0, c0) = (Instant::now(), cpu_ticks(pid));
+    std::thread::sleep(span);
+    (cpu_ticks(pid) - c0) as f64 / hz / t0.elapsed().as_secs_f64()
+}
+
+/// Pause and resume through the CLI and the API: a paused VM's spinning guest uses no CPU
+/// (the kernel's own count for the VMM process), stays paused across a kill -9 of the daemon,
+/// runs again when resumed; conflicting requests get 409; a graceful stop of a paused VM
+/// resumes it so the guest sees the power button.
+#[test]
+fn pause_and_resume_stop_and_restart_the_guest_cpu() {
+    if !common::kvm_available() {
+        return;
+    }
+    let mut daemon = Daemon::start();
+    let client = daemon.client();
+    let rt = multi_thread();
+    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Event>::new()));
+    let sink = events.clone();
+    let watcher = client.clone();
+    rt.spawn(async move {
+        let _ = watcher
+            .lines("/v1/events", |line| {
+                if let Ok(event) = serde_json::from_str::<Event>(line) {
+                    sink.lock().unwrap().push(event);
+                }
+                true
+            })
+            .await;
+    });
+    let pid = rt.block_on(async {
+        let _: Vm = client.post("/v1/vms", &spec("p1")).await.unwrap();
+        let (status, body) = status_code(&client, "POST", "/v1/vms/p1/pause", None).await;
+        assert_eq!(status, 409, "{body}");
+        assert_eq!(body["error"], "'p1' is stopped (not running)");
+        let op: Operation = client.post("/v1/vms/p1/start", &()).await.unwrap();
+        assert_eq!(wait_op(&client, &op).await.state, OperationState::Succeeded);
+        let (status, body) = status_code(&client, "POST", "/v1/vms/p1/resume", None).await;
+        assert_eq!(status, 409, "{body}");
+        assert_eq!(body["error"], "'p1' is running (not paused)");
+        let vm: Vm = client.get("/v1/vms/p1").await.unwrap();
+        vm.status.pid.unwrap()
+    });
+    let running = cpu_use(pid, Duration::from_millis(500));
+    assert!(running > 0.5, "the running guest used {running:.2} CPUs");
+
+    let out = daemon.cli(&["vm", "pause", "p1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = daemon.cli(&["vm", "show", "p1", "--output", "json"]);
+    let vm: Vm = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(vm.status.state, VmState::Paused);
+    let paused = cpu_use(pid, Duration::from_millis(500));
+    assert!(paused < 0.05, "the paused guest used {paused:.2} CPUs");
+    let out = daemon.cli(&["vm", "pause", "p1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("'p1' is paused (not running)"));
+
+    // A daemon killed and started again finds the VM paused, and can resume it.
+    daemon.kill9();
+    daemon.spawn();
+    rt.block_on(async {
+        let vm: Vm = client.get("/v1/vms/p1").await.unwrap();
+        assert_eq!(vm.status.state, VmState::Paused);
+        assert_eq!(vm.status.pid, Some(pid));
+    });
+    let out = daemon.cli(&["vm", "resume", "p1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let resumed = cpu_use(pid, Duration::from_millis(500));
+    assert!(resumed > 0.5, "the resumed guest used {resumed:.2} CPUs");
+
+    // Paused again, then a graceful stop: resumed, the guest takes the power button.
+    rt.block_on(async {
+        let op: Operation = client.post("/v1/vms/p1/pause", &()).await.unwrap();
+        assert_eq!(wait_op(&client, &op).await.state, OperationState::Succeeded);
+        let op: Operation = client.post("/v1/vms/p1/stop?timeout=20", &()).await.unwrap();
+        let done = wait_op(&client, &op).await;
+        assert_eq!(done.state, OperationState::Succeeded, "{done:?}");
+        assert_eq!(done.progress, "the guest shut down");
+        let vm: Vm = client.get("/v1/vms/p1").await.unwrap();
+        assert_eq!(vm.status.state, VmState::Stopped);
+        // Watched through a pidfd since the daemon's restart: the status is not known.
+        let exit = vm.status.last_exit.unwrap();
+        assert!(exit.reason.starts_with("stopped"), "{exit:?}");
+    });
+    let console = String::from_utf8_lossy(&daemon.cli(&["vm", "logs", "p1"]).stdout).to_string();
+    assert!(console.contains("powerbutton: pressed"), "{console}");
+    assert!(!pid_alive(pid));
+    let kinds: Vec<String> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.vm.as_deref() == Some("p1") && e.kind.starts_with("vm."))
+        .map(|e| e.kind.clone())
+        .collect();
+    // The second daemon's stream is another subscription: only the first one's events here.
+    assert_eq!(kinds[..4], ["vm.created", "vm.starting", "vm.running", "vm.paused"], "{kinds:?}");
 }

@@ -182,6 +182,14 @@ pub enum VmmError {
     /// CPUID could not be configured.
     #[error("cannot configure CPUID")]
     Cpuid(#[source] arch::cpuid::CpuidError),
+    /// The per-VM API socket cannot be made.
+    #[error("cannot listen on API socket {path}: {why}")]
+    ApiSocket {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
     /// The serial output file cannot be created.
     #[error("cannot open serial output {path}")]
     SerialFile {

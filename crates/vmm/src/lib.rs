@@ -7,6 +7,7 @@
 pub mod bench;
 mod config;
 pub mod console;
+mod control;
 mod error;
 mod irq;
 mod kernel;
@@ -19,6 +20,7 @@ pub use config::{
     BalloonConfig, DiskConfig, KernelImage, NetConfig, SerialOutput, VirtioTransport, VmConfig,
     VsockConfig,
 };
+pub use control::{ControlError, ControlInfo, RunState, VmControl};
 pub use error::{GuestFailure, VmmError};
 pub use vm::{Vm, VmOutcome};
 

@@ -97,6 +97,10 @@ pub struct VcpuRunner {
     pub mem: Arc<GuestMemoryMmap>,
     /// Set when the VM is stopping.
     pub stop: Arc<AtomicBool>,
+    /// Where the vCPU parks while the VM is paused.
+    pub control: Arc<crate::control::VmControl>,
+    /// This vCPU's exits, by kind.
+    pub counters: Arc<crate::control::VcpuCounters>,
     /// Where to report.
     pub report: Sender<VcpuReport>,
 }
@@ -139,16 +143,27 @@ impl VcpuRunner {
             if self.stop.load(Ordering::Acquire) {
                 return;
             }
+            self.control.checkpoint();
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
             let exit = match self.vcpu.run() {
                 Ok(exit) => exit,
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.vcpu.set_kvm_immediate_exit(0);
+                    self.counters.other.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
                 Err(source) => {
                     break VcpuReport::Failed(VmmError::VcpuKvm { cpu, what: "run", source })
                 }
             };
+            let counter = match exit {
+                VcpuExit::IoOut(..) | VcpuExit::IoIn(..) => &self.counters.io,
+                VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..) => &self.counters.mmio,
+                _ => &self.counters.other,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
             let failure = match exit {
                 VcpuExit::IoOut(port, data) => match self.pio.write(u64::from(port), data) {
                     Some(action) => match self.action(action) {

@@ -1,6 +1,7 @@
 //! Building a VM from its configuration and running it to the end.
 
 use crate::config::{SerialOutput, VirtioTransport, VmConfig};
+use crate::control::VmControl;
 use crate::error::VmmError;
 use crate::kernel;
 use crate::memory;
@@ -162,7 +163,7 @@ fn open_kvm() -> Result<Kvm, VmmError> {
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-fn kick_signal() -> libc::c_int {
+pub(crate) fn kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN()
 }
 
@@ -238,8 +239,18 @@ fn serial_writer(
 impl Vm {
     /// Builds the VM described by `config`, runs it, and returns how the guest ended it.
     pub fn run(config: VmConfig) -> Result<VmOutcome, VmmError> {
+        let control = VmControl::new(usize::from(config.cpus), config.memory);
+        Self::run_controlled(config, control)
+    }
+
+    /// [`Vm::run`] with a control handle made beforehand (by [`VmControl::new`] with the
+    /// config's vCPUs and memory) that others use to pause, resume and query the VM.
+    pub fn run_controlled(
+        config: VmConfig,
+        control: Arc<VmControl>,
+    ) -> Result<VmOutcome, VmmError> {
         let built = Self::build(&config)?;
-        Self::run_built(&config, built)
+        Self::run_built(&config, built, &control)
     }
 
     /// Creates the VM, its memory, devices and boot state, without any vCPU.
@@ -478,14 +489,18 @@ impl Vm {
         Ok(BuiltVm { vm, mem, pio, mmio, boot, cpuid, power })
     }
 
-    fn run_built(config: &VmConfig, built: BuiltVm) -> Result<VmOutcome, VmmError> {
+    fn run_built(
+        config: &VmConfig,
+        built: BuiltVm,
+        control: &Arc<VmControl>,
+    ) -> Result<VmOutcome, VmmError> {
         let BuiltVm { vm, mem, pio, mmio, boot, cpuid, power } = built;
         // vCPUs, each configured and run on its own thread.
         install_kick_handler();
         // Before any vCPU runs: a SIGTERM that arrives once the guest is up must press the
         // power button, not end the process with the default action.
         install_sigterm_handler();
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = control.stop_flag();
         let (tx, rx) = mpsc::channel();
         let mut threads = Vec::with_capacity(usize::from(config.cpus));
         let boot = Arc::new(boot);
@@ -499,6 +514,8 @@ impl Vm {
                 mmio: mmio.clone(),
                 mem: mem.clone(),
                 stop: stop.clone(),
+                control: control.clone(),
+                counters: control.counters(usize::from(cpu)),
                 report: tx.clone(),
             };
             let cpuid = cpuid.clone();
@@ -524,6 +541,7 @@ impl Vm {
             threads.push(handle);
         }
         drop(tx);
+        control.running(threads.iter().map(|t| t.as_pthread_t()).collect(), power.clone());
         if let Some(fd) = config.ready_fd {
             signal_ready(fd);
         }
@@ -545,6 +563,9 @@ impl Vm {
             }
         };
         stop.store(true, Ordering::Release);
+        // Parked vCPUs wake and see `stop`; a pause in progress gives up. After this nobody
+        // else signals the threads, so they can be joined.
+        control.stopping();
         for handle in &threads {
             while !handle.is_finished() {
                 // SAFETY: the thread is alive (not finished) and its pthread_t valid until

@@ -308,6 +308,11 @@ impl Running {
         }
     }
 
+    /// Kills the process (SIGKILL) and waits for it.
+    pub fn kill_now(mut self) {
+        self.kill();
+    }
+
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

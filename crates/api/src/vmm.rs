@@ -1,0 +1,46 @@
+//! The per-VM API of one VMM process (`vanguard run --api-socket PATH`, also spelt `vanguard
+//! vmm`): HTTP/1.1 with JSON over a Unix socket, described in docs/api.md.
+//!
+//! | method and path | answer |
+//! |---|---|
+//! | `GET /v1/vm` | 200 [`VmmInfo`] |
+//! | `PUT /v1/vm/pause` | 200 [`VmmInfo`] once no vCPU runs; 409 [`crate::ApiError`] if the VM is starting or stopping |
+//! | `PUT /v1/vm/resume` | 200 [`VmmInfo`] |
+//! | `PUT /v1/vm/shutdown` | 202 [`VmmInfo`]: the ACPI power button was pressed; 409 while paused |
+//! | `GET /metrics` | 200, Prometheus text format |
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Where a VMM's VM is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VmmState {
+    /// Being built; no vCPU runs yet.
+    Starting,
+    /// Its vCPUs run.
+    Running,
+    /// Its vCPUs are stopped.
+    Paused,
+    /// The guest ended it, or it failed: the process is ending.
+    Stopping,
+}
+
+/// `GET /v1/vm`: what the VMM runs and where it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmmInfo {
+    /// Where the VM is.
+    pub state: VmmState,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest memory, MiB.
+    pub memory_mib: u64,
+    /// The VMM's process ID.
+    pub pid: u32,
+    /// Milliseconds since the VMM started building the VM.
+    pub uptime_ms: u64,
+    /// Milliseconds spent paused, the current pause included.
+    pub paused_ms: u64,
+    /// Vanguard's version.
+    pub version: String,
+}

@@ -1,0 +1,275 @@
+//! Control of a running VM from outside its vCPU threads: pause and resume (every vCPU parked
+//! outside KVM_RUN, or let go), the power button, and the figures the per-VM API reports
+//! (state, uptime, time paused, vCPU exits by kind).
+//!
+//! A pause sets `pause_requested`, then kicks every vCPU thread out of KVM_RUN with the kick
+//! signal until each has parked on the condition variable at the top of its run loop; it
+//! answers only once all are parked, so a paused VM runs no guest instruction. Devices keep
+//! running (a virtio worker may still complete a request the guest made before the pause).
+//! Resume clears the flag and wakes them.
+
+use devices::legacy::AcpiPm;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+/// How long a pause waits for every vCPU to park.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the VM is, as the per-VM API reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    /// Being built; no vCPU runs yet.
+    Starting,
+    /// Its vCPUs run.
+    Running,
+    /// Its vCPUs are parked.
+    Paused,
+    /// The guest ended the VM or it failed; the process is ending.
+    Stopping,
+}
+
+impl RunState {
+    /// The state's name in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Starting => "starting",
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::Stopping => "stopping",
+        }
+    }
+}
+
+/// Why a control request was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ControlError {
+    /// The request does not fit the VM's state.
+    #[error("the VM is {0}: {1}")]
+    WrongState(&'static str, &'static str),
+    /// Not every vCPU parked in time.
+    #[error("{parked} of {vcpus} vCPUs stopped within {timeout:?}; the VM was resumed")]
+    PauseTimedOut { parked: usize, vcpus: usize, timeout: Duration },
+}
+
+/// Exits of one vCPU, by kind.
+#[derive(Debug, Default)]
+pub struct VcpuCounters {
+    /// Port I/O exits.
+    pub io: AtomicU64,
+    /// MMIO exits.
+    pub mmio: AtomicU64,
+    /// Every other exit (interrupt windows, signals, system events).
+    pub other: AtomicU64,
+}
+
+/// A snapshot of the VM's figures.
+#[derive(Debug, Clone)]
+pub struct ControlInfo {
+    /// Where the VM is.
+    pub state: RunState,
+    /// vCPUs and guest memory.
+    pub vcpus: usize,
+    pub memory_bytes: u64,
+    /// Since the process started building the VM.
+    pub uptime: Duration,
+    /// Time spent paused, the current pause included.
+    pub paused: Duration,
+    /// Per vCPU: (io, mmio, other) exits.
+    pub exits: Vec<(u64, u64, u64)>,
+}
+
+struct Inner {
+    state: RunState,
+    /// vCPUs parked now.
+    parked: usize,
+    threads: Vec<libc::pthread_t>,
+    power: Option<Arc<Mutex<AcpiPm>>>,
+    paused_total: Duration,
+    paused_since: Option<Instant>,
+}
+
+/// The handle: shared by the VM's threads and whoever controls it (the per-VM API).
+pub struct VmControl {
+    inner: Mutex<Inner>,
+    parked_changed: Condvar,
+    pause_requested: AtomicBool,
+    stop: Arc<AtomicBool>,
+    started: Instant,
+    vcpus: usize,
+    memory_bytes: u64,
+    counters: Vec<Arc<VcpuCounters>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl VmControl {
+    /// A handle for a VM of `vcpus` vCPUs and `memory_bytes` of memory, not yet running.
+    pub fn new(vcpus: usize, memory_bytes: u64) -> Arc<VmControl> {
+        Arc::new(VmControl {
+            inner: Mutex::new(Inner {
+                state: RunState::Starting,
+                parked: 0,
+                threads: Vec::new(),
+                power: None,
+                paused_total: Duration::ZERO,
+                paused_since: None,
+            }),
+            parked_changed: Condvar::new(),
+            pause_requested: AtomicBool::new(false),
+            stop: Arc::new(AtomicBool::new(false)),
+            started: Instant::now(),
+            vcpus,
+            memory_bytes,
+            counters: (0..vcpus).map(|_| Arc::new(VcpuCounters::default())).collect(),
+        })
+    }
+
+    /// The flag that tells the vCPUs the VM is stopping.
+    pub(crate) fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// vCPU `cpu`'s exit counters.
+    pub(crate) fn counters(&self, cpu: usize) -> Arc<VcpuCounters> {
+        self.counters.get(cpu).cloned().unwrap_or_default()
+    }
+
+    /// Every vCPU thread runs: the VM can be paused from now on.
+    pub(crate) fn running(&self, threads: Vec<libc::pthread_t>, power: Arc<Mutex<AcpiPm>>) {
+        let mut inner = lock(&self.inner);
+        inner.threads = threads;
+        inner.power = Some(power);
+        inner.state = RunState::Running;
+    }
+
+    /// The VM is ending: parked vCPUs wake (and see `stop`), requests are refused.
+    pub(crate) fn stopping(&self) {
+        let mut inner = lock(&self.inner);
+        inner.state = RunState::Stopping;
+        if let Some(since) = inner.paused_since.take() {
+            inner.paused_total += since.elapsed();
+        }
+        self.pause_requested.store(false, Ordering::Release);
+        self.parked_changed.notify_all();
+    }
+
+    /// Called by a vCPU thread at the top of its run loop: parks while a pause is requested
+    /// (and the VM is not stopping).
+    pub(crate) fn checkpoint(&self) {
+        if !self.pause_requested.load(Ordering::Acquire) {
+            return;
+        }
+        let mut inner = lock(&self.inner);
+        inner.parked += 1;
+        self.parked_changed.notify_all();
+        while self.pause_requested.load(Ordering::Acquire) && !self.stop.load(Ordering::Acquire) {
+            inner = self.parked_changed.wait(inner).unwrap_or_else(PoisonError::into_inner);
+        }
+        inner.parked -= 1;
+    }
+
+    /// Pauses the VM: returns once no vCPU runs guest code. Pausing a paused VM does nothing.
+    pub fn pause(&self) -> Result<(), ControlError> {
+        let mut inner = lock(&self.inner);
+        match inner.state {
+            RunState::Running => {}
+            RunState::Paused => return Ok(()),
+            RunState::Starting => return Err(ControlError::WrongState("starting", "try again")),
+            RunState::Stopping => return Err(ControlError::WrongState("stopping", "too late")),
+        }
+        self.pause_requested.store(true, Ordering::Release);
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        while inner.parked < self.vcpus {
+            if inner.state == RunState::Stopping {
+                return Err(ControlError::WrongState("stopping", "too late"));
+            }
+            if Instant::now() > deadline || self.stop.load(Ordering::Acquire) {
+                let parked = inner.parked;
+                self.pause_requested.store(false, Ordering::Release);
+                self.parked_changed.notify_all();
+                return Err(ControlError::PauseTimedOut {
+                    parked,
+                    vcpus: self.vcpus,
+                    timeout: PAUSE_TIMEOUT,
+                });
+            }
+            for thread in &inner.threads {
+                // SAFETY: the vCPU threads are joined only after `stopping()`, which the VM
+                // calls first; until then each pthread_t is valid. The signal has a no-op
+                // handler (its job is to make KVM_RUN return).
+                unsafe { libc::pthread_kill(*thread, crate::vm::kick_signal()) };
+            }
+            inner = self
+                .parked_changed
+                .wait_timeout(inner, Duration::from_millis(1))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        inner.state = RunState::Paused;
+        inner.paused_since = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Resumes a paused VM. Resuming a running VM does nothing.
+    pub fn resume(&self) -> Result<(), ControlError> {
+        let mut inner = lock(&self.inner);
+        match inner.state {
+            RunState::Paused => {}
+            RunState::Running => return Ok(()),
+            RunState::Starting => return Err(ControlError::WrongState("starting", "try again")),
+            RunState::Stopping => return Err(ControlError::WrongState("stopping", "too late")),
+        }
+        if let Some(since) = inner.paused_since.take() {
+            inner.paused_total += since.elapsed();
+        }
+        inner.state = RunState::Running;
+        self.pause_requested.store(false, Ordering::Release);
+        self.parked_changed.notify_all();
+        Ok(())
+    }
+
+    /// Presses the ACPI power button (the guest decides what to do).
+    pub fn power_button(&self) -> Result<(), ControlError> {
+        let inner = lock(&self.inner);
+        match (inner.state, &inner.power) {
+            (RunState::Running, Some(power)) => {
+                devices::bus::lock(power).press_power_button();
+                Ok(())
+            }
+            (RunState::Paused, _) => Err(ControlError::WrongState(
+                "paused",
+                "a paused guest cannot see the power button; resume it first",
+            )),
+            (RunState::Stopping, _) => Err(ControlError::WrongState("stopping", "already")),
+            _ => Err(ControlError::WrongState("starting", "try again")),
+        }
+    }
+
+    /// The VM's figures now.
+    pub fn info(&self) -> ControlInfo {
+        let inner = lock(&self.inner);
+        let paused =
+            inner.paused_total + inner.paused_since.map_or(Duration::ZERO, |s| s.elapsed());
+        ControlInfo {
+            state: inner.state,
+            vcpus: self.vcpus,
+            memory_bytes: self.memory_bytes,
+            uptime: self.started.elapsed(),
+            paused,
+            exits: self
+                .counters
+                .iter()
+                .map(|c| {
+                    (
+                        c.io.load(Ordering::Relaxed),
+                        c.mmio.load(Ordering::Relaxed),
+                        c.other.load(Ordering::Relaxed),
+                    )
+                })
+                .collect(),
+        }
+    }
+}
