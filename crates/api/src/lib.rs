@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use utoipa::ToSchema;
 
-pub use spec::{validate, SpecError};
+pub use spec::{validate, SpecError, SpecFormat};
 
 /// The API version in every path (`/v1/...`).
 pub const API_PREFIX: &str = "/v1";

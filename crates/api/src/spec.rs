@@ -76,6 +76,49 @@ fn check_mac(field: &str, mac: &str) -> Result<(), SpecError> {
     Ok(())
 }
 
+/// How a spec is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpecFormat {
+    /// JSON (`application/json`, `.json`).
+    Json,
+    /// YAML (`application/yaml`, `.yaml`, `.yml`): the same fields, as YAML 1.2.
+    Yaml,
+}
+
+impl SpecFormat {
+    /// The format a request's `Content-Type` names: YAML for `application/yaml`,
+    /// `application/x-yaml` and `text/yaml` (parameters ignored), JSON otherwise.
+    pub fn from_content_type(content_type: Option<&str>) -> SpecFormat {
+        let mime = content_type.unwrap_or("").split(';').next().unwrap_or("").trim();
+        let yaml = ["application/yaml", "application/x-yaml", "text/yaml"];
+        if yaml.iter().any(|y| mime.eq_ignore_ascii_case(y)) {
+            SpecFormat::Yaml
+        } else {
+            SpecFormat::Json
+        }
+    }
+
+    /// The format a file's name says: YAML for `.yaml` and `.yml`, JSON otherwise.
+    pub fn from_path(path: &std::path::Path) -> SpecFormat {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some(e) if e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml") => {
+                SpecFormat::Yaml
+            }
+            _ => SpecFormat::Json,
+        }
+    }
+}
+
+/// Reads a spec written in `format`; the error says where the text is wrong and why (an
+/// unknown field, a value of the wrong type, bad syntax), prefixed with "invalid VM spec".
+pub fn parse(text: &[u8], format: SpecFormat) -> Result<VmSpec, String> {
+    let parsed = match format {
+        SpecFormat::Json => serde_json::from_slice(text).map_err(|e| e.to_string()),
+        SpecFormat::Yaml => serde_yaml_ng::from_slice(text).map_err(|e| e.to_string()),
+    };
+    parsed.map_err(|e| format!("invalid VM spec: {e}"))
+}
+
 /// Checks everything in `spec` that can be checked without the host (paths are absolute, not
 /// that they exist: the daemon checks that).
 pub fn validate(spec: &VmSpec) -> Result<(), SpecError> {

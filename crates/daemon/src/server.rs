@@ -126,12 +126,19 @@ async fn list_vms(State(m): Shared) -> Json<Vec<Vm>> {
     Json(m.list())
 }
 
-/// Defines a VM from its spec (JSON).
-#[utoipa::path(post, path = "/v1/vms", request_body = VmSpec, responses(
+/// Defines a VM from its spec: JSON, or YAML with `Content-Type: application/yaml`.
+#[utoipa::path(post, path = "/v1/vms",
+    request_body(content((VmSpec = "application/json"), (VmSpec = "application/yaml"))),
+    responses(
     (status = 201, body = Vm), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
-async fn create_vm(State(m): Shared, body: Bytes) -> Result<(StatusCode, Json<Vm>), Failure> {
-    let spec: VmSpec = serde_json::from_slice(&body)
-        .map_err(|e| Failure::bad_request(format!("invalid VM spec: {e}")))?;
+async fn create_vm(
+    State(m): Shared,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Vm>), Failure> {
+    let content_type = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let spec = api::spec::parse(&body, api::SpecFormat::from_content_type(content_type))
+        .map_err(Failure::bad_request)?;
     Ok((StatusCode::CREATED, Json(m.create(spec)?)))
 }
 

@@ -163,7 +163,8 @@ pub struct StopArgs {
 /// `vanguard vm create`.
 #[derive(Args)]
 pub struct CreateArgs {
-    /// A spec file (JSON); the flags below are then not allowed.
+    /// A spec file: JSON, or YAML if its name ends in .yaml or .yml (docs/api.md); the flags
+    /// below are then not allowed.
     #[arg(long, short = 'f', value_name = "FILE", conflicts_with_all = ["name", "cpus", "memory", "kernel", "initrd", "cmdline", "disk", "restart", "label", "cpu_quota", "cpu_weight", "memory_max"])]
     file: Option<PathBuf>,
     /// The VM's name.
@@ -448,10 +449,10 @@ async fn follow(client: &Client, op: Operation, output: Output) -> Result<(), Cl
 /// What `vm create` sends: the file's spec, or one built from the flags.
 fn spec_of(args: CreateArgs) -> Result<VmSpec, String> {
     if let Some(file) = &args.file {
-        let text = std::fs::read_to_string(file)
-            .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-        return serde_json::from_str(&text)
-            .map_err(|e| format!("{}: invalid VM spec: {e}", file.display()));
+        let text =
+            std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+        return api::spec::parse(&text, api::SpecFormat::from_path(file))
+            .map_err(|e| format!("{}: {e}", file.display()));
     }
     let mut spec: VmSpec =
         serde_json::from_value(serde_json::json!({ "name": args.name.unwrap_or_default() }))
