@@ -51,7 +51,8 @@ enum Transport {
 }
 
 /// A stream to the daemon, plain or TLS.
-trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+/// A connection to the daemon, plain or TLS.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 /// The daemon, on its Unix socket or a TLS listener.
@@ -276,5 +277,38 @@ impl Client {
             return Err(ClientError::Api { status, error });
         }
         Ok(())
+    }
+
+    /// Opens a websocket on `path` (a `GET` with `Upgrade: websocket` on a connection of its
+    /// own, with the token if there is one). A refusal is the API's error.
+    pub async fn websocket(
+        &self,
+        path: &str,
+    ) -> Result<tokio_tungstenite::WebSocketStream<Box<dyn Io>>, ClientError> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::Error as WsError;
+        let mut request = format!("ws://vanguard{path}")
+            .into_client_request()
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        if let Some(token) = &self.token {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| ClientError::Http("the token is not a valid header value".into()))?;
+            request.headers_mut().insert("authorization", value);
+        }
+        let stream = self.connect().await?;
+        match tokio_tungstenite::client_async(request, stream).await {
+            Ok((socket, _)) => Ok(socket),
+            Err(WsError::Http(response)) => {
+                let status = response.status().as_u16();
+                let body = response.body().clone().unwrap_or_default();
+                let error = serde_json::from_slice(&body).unwrap_or_else(|_| ApiError {
+                    error: format!("HTTP {status}: {}", String::from_utf8_lossy(&body)),
+                    field: None,
+                });
+                Err(ClientError::Api { status, error })
+            }
+            Err(e) => Err(ClientError::Http(format!("websocket: {e}"))),
+        }
     }
 }

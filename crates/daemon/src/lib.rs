@@ -181,6 +181,8 @@ async fn serve_tls(
             let service = hyper_util::service::TowerToHyperService::new(router);
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                // The websocket console upgrades the connection.
+                .with_upgrades()
                 .await;
         });
     }

@@ -57,7 +57,7 @@ impl Failure {
     fn not_found(name: &str) -> Failure {
         Failure::new(404, format!("no VM named '{name}'"))
     }
-    fn conflict(message: impl Into<String>) -> Failure {
+    pub fn conflict(message: impl Into<String>) -> Failure {
         Failure::new(409, message)
     }
 }

@@ -10,11 +10,13 @@
 use crate::manager::{Failure, Manager, DEFAULT_STOP_TIMEOUT};
 use api::{ApiError, DriverInfo, Event, HostInfo, Operation, Vm, VmSpec, VmState};
 use axum::body::{Body, Bytes};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures_util::StreamExt;
 use serde::Deserialize;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +40,7 @@ use utoipa::OpenApi;
         pause_vm,
         resume_vm,
         console,
+        console_ws,
         list_operations,
         get_operation,
         wait_operation,
@@ -88,6 +91,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/vms/{name}/pause", post(pause_vm))
         .route("/v1/vms/{name}/resume", post(resume_vm))
         .route("/v1/vms/{name}/console", get(console).post(console_input))
+        .route("/v1/vms/{name}/console/ws", get(console_ws))
         .route("/v1/operations", get(list_operations))
         .route("/v1/operations/{id}", get(get_operation))
         .route("/v1/operations/{id}/wait", get(wait_operation))
@@ -253,41 +257,109 @@ async fn console(
         return Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], bytes).into_response());
     }
     let path = m.console_path(&name)?;
+    let stream = console_stream(m, name, path).map(Ok::<_, std::io::Error>);
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream))
+        .into_response())
+}
+
+/// The console output of VM `name` (file `path`) from its last 64 KiB on, as it is written,
+/// until the VM's process ends; empty chunks are heartbeats.
+fn console_stream(
+    m: Arc<Manager>,
+    name: String,
+    path: std::path::PathBuf,
+) -> impl futures_util::Stream<Item = Bytes> {
     let start = std::fs::metadata(&path).map_or(0, |meta| meta.len().saturating_sub(64 << 10));
     // (offset, whether the process was gone at the last look)
     let state = (m, name, path, start, false);
-    let stream =
-        futures_util::stream::unfold(state, |(m, name, path, mut offset, gone)| async move {
-            loop {
-                let len = std::fs::metadata(&path).map_or(0, |meta| meta.len());
-                if len < offset {
-                    offset = 0; // rotated (or a new run): start the new file from its beginning
-                }
-                if len > offset {
-                    let chunk = read_range(&path, offset, len.min(offset + (64 << 10)));
-                    if !chunk.is_empty() {
-                        offset += chunk.len() as u64;
-                        return Some((
-                            Ok::<_, std::io::Error>(Bytes::from(chunk)),
-                            (m, name, path, offset, false),
-                        ));
-                    }
-                }
-                if gone {
-                    return None;
-                }
-                let gone_now = !m.is_running(&name);
-                if !gone_now {
-                    tokio::time::sleep(Duration::from_millis(30)).await;
-                }
-                if gone_now {
-                    // One more look for output written just before the end.
-                    return Some((Ok(Bytes::new()), (m, name, path, offset, true)));
+    futures_util::stream::unfold(state, |(m, name, path, mut offset, gone)| async move {
+        loop {
+            let len = std::fs::metadata(&path).map_or(0, |meta| meta.len());
+            if len < offset {
+                offset = 0; // rotated (or a new run): start the new file from its beginning
+            }
+            if len > offset {
+                let chunk = read_range(&path, offset, len.min(offset + (64 << 10)));
+                if !chunk.is_empty() {
+                    offset += chunk.len() as u64;
+                    return Some((Bytes::from(chunk), (m, name, path, offset, false)));
                 }
             }
-        });
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream))
-        .into_response())
+            if gone {
+                return None;
+            }
+            let gone_now = !m.is_running(&name);
+            if !gone_now {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            if gone_now {
+                // One more look for output written just before the end.
+                return Some((Bytes::new(), (m, name, path, offset, true)));
+            }
+        }
+    })
+}
+
+/// Attaches to a running VM's serial console over a websocket: binary messages from the
+/// server carry the console output (from its last 64 KiB on), binary or text messages from
+/// the client are typed into the console; the server closes (1000, "the VM stopped") when
+/// the VM's process ends.
+#[utoipa::path(get, path = "/v1/vms/{name}/console/ws", params(("name" = String, Path)), responses(
+    (status = 101, description = "Switching to the websocket protocol"),
+    (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn console_ws(
+    State(m): Shared,
+    Path(name): Path<String>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<Response, Failure> {
+    let path = m.console_path(&name)?;
+    if !m.is_running(&name) {
+        return Err(Failure::conflict(format!("'{name}' is not running")));
+    }
+    let ws = ws.map_err(|e| Failure::bad_request(format!("not a websocket request: {e}")))?;
+    Ok(ws.on_upgrade(move |socket| attach_console(m, name, path, socket)))
+}
+
+async fn attach_console(
+    m: Arc<Manager>,
+    name: String,
+    path: std::path::PathBuf,
+    socket: WebSocket,
+) {
+    use futures_util::SinkExt;
+    let (mut tx, mut rx) = socket.split();
+    let output = {
+        let (m, name) = (m.clone(), name.clone());
+        async move {
+            let stream = console_stream(m, name, path);
+            futures_util::pin_mut!(stream);
+            while let Some(chunk) = stream.next().await {
+                if !chunk.is_empty() && tx.send(Message::Binary(chunk)).await.is_err() {
+                    return;
+                }
+            }
+            let close = CloseFrame { code: 1000, reason: "the VM stopped".into() };
+            let _ = tx.send(Message::Close(Some(close))).await;
+        }
+    };
+    let input = async move {
+        while let Some(Ok(message)) = rx.next().await {
+            let bytes = match message {
+                Message::Binary(b) => b.to_vec(),
+                Message::Text(t) => t.as_bytes().to_vec(),
+                Message::Close(_) => return,
+                _ => continue,
+            };
+            if m.console_input(&name, &bytes).is_err() {
+                return;
+            }
+        }
+    };
+    // Either side ending ends the attachment; the output side ends after the VM does.
+    tokio::select! {
+        () = output => {}
+        () = input => {}
+    }
 }
 
 fn read_range(path: &std::path::Path, from: u64, to: u64) -> Vec<u8> {

@@ -671,10 +671,13 @@ pub fn token(command: TokenCommand, args: ClientArgs) -> ExitCode {
 /// The key that detaches from a console: Ctrl-].
 const DETACH: u8 = 0x1d;
 
-/// `vanguard vm console NAME`: output streamed to stdout, stdin sent as typed, until Ctrl-] or
-/// the end of stdin (then output is shown for half a second more) or the VM's end.
+/// `vanguard vm console NAME`: over the daemon's websocket console, output streamed to stdout,
+/// stdin sent as typed, until Ctrl-] or the end of stdin (then output is shown for half a
+/// second more) or the VM's end.
 async fn console(client: &Client, name: &str) -> Result<(), ClientError> {
+    use futures_util::{SinkExt, StreamExt};
     use std::io::{Read, Write};
+    use tokio_tungstenite::tungstenite::Message;
     // Fails early, with the daemon's message, for an unknown VM.
     let vm: Vm = client.get(&format!("/v1/vms/{name}")).await?;
     if vm.status.pid.is_none() {
@@ -704,34 +707,39 @@ async fn console(client: &Client, name: &str) -> Result<(), ClientError> {
         }
         let _ = keys_tx.send(None);
     });
-    let mut output = {
-        let client = client.clone();
-        let path = format!("/v1/vms/{name}/console?follow=true");
-        tokio::spawn(async move {
-            client
-                .bytes(&path, |data| {
+    // One websocket: the console's output comes in, the keys go out.
+    let socket = client.websocket(&format!("/v1/vms/{name}/console/ws")).await?;
+    let (mut to_vm, mut from_vm) = socket.split();
+    let mut output = tokio::spawn(async move {
+        while let Some(Ok(message)) = from_vm.next().await {
+            match message {
+                Message::Binary(data) => {
                     let mut out = std::io::stdout();
-                    out.write_all(data).is_ok() && out.flush().is_ok()
-                })
-                .await
-        })
-    };
-    let input_path = format!("/v1/vms/{name}/console");
+                    if out.write_all(&data).is_err() || out.flush().is_err() {
+                        return;
+                    }
+                }
+                // The daemon closes when the VM's process ends.
+                Message::Close(_) => return,
+                _ => {}
+            }
+        }
+    });
     let result = loop {
         tokio::select! {
             key = keys.recv() => match key {
                 Some(Some(bytes)) if !bytes.is_empty() => {
-                    if let Err(e) = client.post_bytes(&input_path, bytes).await {
-                        break Err(e);
+                    if let Err(e) = to_vm.send(Message::Binary(bytes.into())).await {
+                        break Err(ClientError::Http(format!("websocket: {e}")));
                     }
                 }
                 Some(Some(_)) => {}
                 _ => {
                     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    let _ = to_vm.send(Message::Close(None)).await;
                     break Ok(());
                 }
             },
-            // The stream ends when the VM's process does.
             _ = &mut output => break Ok(()),
         }
     };

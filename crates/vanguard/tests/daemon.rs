@@ -1147,3 +1147,56 @@ fn yaml_specs_through_the_cli_and_the_api() {
         "{stderr}"
     );
 }
+
+/// The websocket console (`GET /v1/vms/{name}/console/ws`) with a peer client: Python's
+/// `websockets` types into an `echo` guest and sees its answers and the close when the guest
+/// powers off (tests/console_ws.py). Requests that cannot attach get JSON errors.
+#[test]
+fn the_websocket_console_works_with_a_peer_client() {
+    if !common::kvm_available() {
+        return;
+    }
+    let python = std::env::var("VANGUARD_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has_websockets = Command::new(&python)
+        .args(["-c", "import websockets"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_websockets {
+        assert!(
+            !common::env_flag("VANGUARD_REQUIRE_KVM"),
+            "{python} has no websockets module (Debian: python3-websockets)"
+        );
+        println!("skipping: {python} has no websockets module (Debian: python3-websockets)");
+        return;
+    }
+    let daemon = Daemon::start();
+    let client = daemon.client();
+    let mut echo = spec("wsecho");
+    echo["boot"]["cmdline"] = "console=ttyS0 echo".into();
+    rt().block_on(async {
+        let _: Vm = client.post("/v1/vms", &echo).await.unwrap();
+        let (status, body) = status_code(&client, "GET", "/v1/vms/wsecho/console/ws", None).await;
+        assert_eq!((status, &body["error"]), (409, &"'wsecho' is not running".into()));
+        let (status, _) = status_code(&client, "GET", "/v1/vms/none/console/ws", None).await;
+        assert_eq!(status, 404);
+        let op: Operation = client.post("/v1/vms/wsecho/start", &()).await.unwrap();
+        assert_eq!(wait_op(&client, &op).await.state, OperationState::Succeeded);
+        let (status, body) = status_code(&client, "GET", "/v1/vms/wsecho/console/ws", None).await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body["error"].as_str().unwrap().starts_with("not a websocket request"), "{body}");
+    });
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/console_ws.py");
+    let out =
+        Command::new(&python).arg(script).arg(daemon.socket()).arg("wsecho").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("websocket console: ok"));
+    rt().block_on(async {
+        let vm: Vm = client.get("/v1/vms/wsecho").await.unwrap();
+        assert_eq!(vm.status.state, VmState::Stopped);
+    });
+}
