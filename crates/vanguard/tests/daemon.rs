@@ -982,13 +982,11 @@ fn qemu_runs_linux_through_the_daemon() {
     });
 }
 
-/// CPU seconds per second a process used over `span`.
-fn cpu_use(pid: u32, span: Duration) -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let (t0, c0) = (Instant::now(), cpu_ticks(pid));
+/// Clock ticks (1/100 s usually) of CPU a process used over `span`.
+fn ticks_over(pid: u32, span: Duration) -> u64 {
+    let c0 = cpu_ticks(pid);
     std::thread::sleep(span);
-    (cpu_ticks(pid) - c0) as f64 / hz / t0.elapsed().as_secs_f64()
+    cpu_ticks(pid) - c0
 }
 
 /// Pause and resume through the CLI and the API: a paused VM's spinning guest uses no CPU
@@ -1029,16 +1027,18 @@ fn pause_and_resume_stop_and_restart_the_guest_cpu() {
         let vm: Vm = client.get("/v1/vms/p1").await.unwrap();
         vm.status.pid.unwrap()
     });
-    let running = cpu_use(pid, Duration::from_millis(500));
-    assert!(running > 0.5, "the running guest used {running:.2} CPUs");
+    // The guest spins: it uses CPU whenever the host lets it (other tests run alongside, so
+    // only "some" is certain); paused, its vCPU thread sleeps and the process uses none.
+    let running = ticks_over(pid, Duration::from_secs(1));
+    assert!(running >= 3, "the running guest used {running} ticks in 1 s");
 
     let out = daemon.cli(&["vm", "pause", "p1"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = daemon.cli(&["vm", "show", "p1", "--output", "json"]);
     let vm: Vm = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(vm.status.state, VmState::Paused);
-    let paused = cpu_use(pid, Duration::from_millis(500));
-    assert!(paused < 0.05, "the paused guest used {paused:.2} CPUs");
+    let paused = ticks_over(pid, Duration::from_secs(1));
+    assert!(paused <= 1, "the paused guest used {paused} ticks in 1 s");
     let out = daemon.cli(&["vm", "pause", "p1"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("'p1' is paused (not running)"));
@@ -1053,8 +1053,8 @@ fn pause_and_resume_stop_and_restart_the_guest_cpu() {
     });
     let out = daemon.cli(&["vm", "resume", "p1"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let resumed = cpu_use(pid, Duration::from_millis(500));
-    assert!(resumed > 0.5, "the resumed guest used {resumed:.2} CPUs");
+    let resumed = ticks_over(pid, Duration::from_secs(1));
+    assert!(resumed >= 3, "the resumed guest used {resumed} ticks in 1 s");
 
     // Paused again, then a graceful stop: resumed, the guest takes the power button.
     rt.block_on(async {

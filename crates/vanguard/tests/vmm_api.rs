@@ -65,7 +65,7 @@ fn pause_resume_and_power_button_through_the_vmm_socket() {
 
     // Running: the guest's polling makes I/O exits.
     let before = io_exits(&socket);
-    std::thread::sleep(Duration::from_millis(100));
+    std::thread::sleep(Duration::from_millis(300));
     assert!(io_exits(&socket) > before, "a running guest made no I/O exits");
 
     let (code, body) = curl(&socket, "PUT", "/v1/vm/pause");
@@ -85,7 +85,7 @@ fn pause_resume_and_power_button_through_the_vmm_socket() {
     let info = json(&body);
     assert_eq!(info["state"], "running");
     assert!(info["paused_ms"].as_u64().unwrap() >= 300, "{body}");
-    std::thread::sleep(Duration::from_millis(100));
+    std::thread::sleep(Duration::from_millis(300));
     assert!(io_exits(&socket) > paused, "the resumed guest made no I/O exits");
     let (_, metrics) = curl(&socket, "GET", "/metrics");
     assert!(metrics.contains("\nvanguard_vmm_paused 0\n"), "{metrics}");
