@@ -82,6 +82,32 @@ pub struct Boot {
     /// The kernel command line (for the test guest: its scenarios, docs/test-guest.md).
     #[serde(default)]
     pub cmdline: Option<String>,
+    /// The firmware that boots a disk (qemu driver only): SeaBIOS (`bios`, the default) or
+    /// OVMF (`uefi`).
+    #[serde(default)]
+    pub firmware: Firmware,
+}
+
+/// A PC's firmware.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    /// SeaBIOS (legacy BIOS).
+    #[default]
+    Bios,
+    /// OVMF (UEFI), with a variable store of the VM's own.
+    Uefi,
+}
+
+/// How a disk image is stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    /// The bytes of the disk, as they are.
+    #[default]
+    Raw,
+    /// QEMU's copy-on-write format (qemu driver only).
+    Qcow2,
 }
 
 /// A virtio-blk disk on a raw image.
@@ -96,6 +122,9 @@ pub struct Disk {
     /// What the guest reads as the disk's ID (up to 20 bytes).
     #[serde(default)]
     pub serial: Option<String>,
+    /// The image's format: `raw` (the default) or `qcow2` (qemu driver only).
+    #[serde(default)]
+    pub format: DiskFormat,
 }
 
 /// A virtio-net card on a TAP device (created by the VMM if absent).

@@ -170,14 +170,25 @@ pub fn validate(spec: &VmSpec) -> Result<(), SpecError> {
         if spec.boot.kernel.is_none() && spec.disks.is_empty() {
             return bad("boot.kernel", "the qemu driver needs a kernel or a disk to boot");
         }
-        if !spec.nics.is_empty() {
-            return bad("nics", "not supported by the qemu driver yet");
-        }
         if spec.vsock.is_some() {
             return bad("vsock", "not supported by the qemu driver yet");
         }
-    } else if spec.accel != crate::Accel::Auto {
-        return bad("accel", "only for the qemu hypervisor (Vanguard's VMM always uses KVM)");
+    } else {
+        if spec.accel != crate::Accel::Auto {
+            return bad("accel", "only for the qemu hypervisor (Vanguard's VMM always uses KVM)");
+        }
+        if spec.boot.firmware != crate::Firmware::Bios {
+            return bad(
+                "boot.firmware",
+                "only for the qemu hypervisor (Vanguard's VMM boots a kernel directly)",
+            );
+        }
+        if let Some(i) = spec.disks.iter().position(|d| d.format != crate::DiskFormat::Raw) {
+            return bad(
+                format!("disks[{i}].format"),
+                "Vanguard's VMM reads raw images only (the qemu hypervisor reads qcow2)",
+            );
+        }
     }
     let limits = &spec.limits;
     if let Some(quota) = limits.cpu_quota_percent {
@@ -282,9 +293,16 @@ mod tests {
         assert_eq!(field_of(r#"{"name": "a", "hypervisor": "qemu"}"#), "boot.kernel");
         assert_eq!(
             field_of(
-                r#"{"name": "a", "hypervisor": "qemu", "boot": {"kernel": "/k"}, "nics": [{"tap": "t"}]}"#
+                r#"{"name": "a", "hypervisor": "qemu", "boot": {"kernel": "/k"}, "vsock": {"cid": 3, "socket": "/s"}}"#
             ),
-            "nics"
+            "vsock"
+        );
+        assert_eq!(field_of(r#"{"name": "a", "boot": {"firmware": "uefi"}}"#), "boot.firmware");
+        assert_eq!(
+            field_of(
+                r#"{"name": "a", "disks": [{"path": "/a"}, {"path": "/b", "format": "qcow2"}]}"#
+            ),
+            "disks[1].format"
         );
         assert_eq!(field_of(r#"{"name": "a", "accel": "tcg"}"#), "accel");
         assert_eq!(

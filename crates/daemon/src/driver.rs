@@ -186,77 +186,6 @@ pub struct Invocation {
     pub qmp: Option<PathBuf>,
 }
 
-/// The Vanguard driver: `vanguard run` with the spec's flags.
-pub fn vanguard_invocation(exe: &Path, spec: &VmSpec, files: &VmFiles) -> Invocation {
-    let mut args = vmm_args(spec, &files.console());
-    args.extend(["--api-socket".into(), files.api_socket().into()]);
-    Invocation { program: exe.to_path_buf(), args, stdout_is_console: false, qmp: None }
-}
-
-/// Whether this host has hardware virtualization KVM can use to run any guest (not PVM).
-pub fn hardware_virtualization() -> bool {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let flags = cpuinfo.lines().find(|l| l.starts_with("flags")).unwrap_or_default();
-    let has = flags.split_whitespace().any(|f| f == "vmx" || f == "svm");
-    has && !Path::new("/sys/module/kvm_pvm").exists() && Path::new("/dev/kvm").exists()
-}
-
-/// The QEMU driver: `qemu-system-x86_64` (q35, no default devices, serial on stdio, QMP on a
-/// socket in the VM's directory, `-no-reboot` so a reset ends the process as with Vanguard).
-pub fn qemu_invocation(spec: &VmSpec, files: &VmFiles) -> Invocation {
-    let accel = match spec.accel {
-        api::Accel::Kvm => "kvm",
-        api::Accel::Tcg => "tcg",
-        api::Accel::Auto if hardware_virtualization() => "kvm",
-        api::Accel::Auto => "tcg",
-    };
-    let qmp = files.qmp_socket();
-    let mut args: Vec<OsString> = vec![
-        "-machine".into(),
-        format!("q35,accel={accel}").into(),
-        "-m".into(),
-        format!("{}M", spec.memory_mib).into(),
-        "-smp".into(),
-        spec.cpus.to_string().into(),
-        "-nodefaults".into(),
-        "-display".into(),
-        "none".into(),
-        "-serial".into(),
-        "stdio".into(),
-        "-no-reboot".into(),
-        "-qmp".into(),
-    ];
-    let mut qmp_arg = OsString::from("unix:");
-    qmp_arg.push(&qmp);
-    qmp_arg.push(",server=on,wait=off");
-    args.push(qmp_arg);
-    if let Some(kernel) = &spec.boot.kernel {
-        args.extend(["-kernel".into(), kernel.into()]);
-    }
-    if let Some(initrd) = &spec.boot.initrd {
-        args.extend(["-initrd".into(), initrd.into()]);
-    }
-    if let Some(cmdline) = &spec.boot.cmdline {
-        args.extend(["-append".into(), cmdline.into()]);
-    }
-    for disk in &spec.disks {
-        let mut value = format!("file={},format=raw,if=virtio", disk.path);
-        if disk.readonly {
-            value.push_str(",readonly=on");
-        }
-        if let Some(serial) = &disk.serial {
-            value.push_str(&format!(",serial={serial}"));
-        }
-        args.extend(["-drive".into(), value.into()]);
-    }
-    Invocation {
-        program: PathBuf::from("qemu-system-x86_64"),
-        args,
-        stdout_is_console: true,
-        qmp: Some(qmp),
-    }
-}
-
 /// Sends `command` over QMP at `socket` (after the capabilities handshake); the reply line.
 pub async fn qmp(socket: &Path, command: &str) -> io::Result<String> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -268,42 +197,6 @@ pub async fn qmp(socket: &Path, command: &str) -> io::Result<String> {
     qmp_reply(&mut lines).await?;
     write.write_all(format!("{{\"execute\": \"{command}\"}}\n").as_bytes()).await?;
     qmp_reply(&mut lines).await
-}
-
-/// Pauses (`pause`) or resumes a VM's vCPUs: through the per-VM API of Vanguard's VMM, or QMP
-/// `stop`/`cont` for QEMU.
-pub async fn set_paused(
-    hypervisor: api::Hypervisor,
-    files: &VmFiles,
-    pause: bool,
-) -> Result<(), String> {
-    match hypervisor {
-        api::Hypervisor::Vanguard => {
-            let path = if pause { "/v1/vm/pause" } else { "/v1/vm/resume" };
-            let client = api::client::Client::unix(files.api_socket());
-            let (status, body) = client
-                .raw("PUT", path, None)
-                .await
-                .map_err(|e| format!("the VMM's API socket: {e}"))?;
-            if status == 200 {
-                return Ok(());
-            }
-            let error = serde_json::from_slice::<api::ApiError>(&body)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-            Err(format!("the VMM refused ({status}): {error}"))
-        }
-        api::Hypervisor::Qemu => {
-            let reply = qmp(&files.qmp_socket(), if pause { "stop" } else { "cont" })
-                .await
-                .map_err(|e| format!("QMP: {e}"))?;
-            if reply.contains("\"return\"") {
-                Ok(())
-            } else {
-                Err(format!("QMP refused: {reply}"))
-            }
-        }
-    }
 }
 
 /// The next QMP line that is a greeting or an answer (asynchronous events are skipped).

@@ -13,6 +13,7 @@
 pub mod auth;
 pub mod cgroup;
 pub mod driver;
+pub mod hypervisor;
 pub mod manager;
 pub mod server;
 pub mod store;

@@ -82,7 +82,7 @@ struct Entry {
 pub struct Manager {
     store: Store,
     cgroups: crate::cgroup::Cgroups,
-    exe: PathBuf,
+    drivers: crate::hypervisor::Drivers,
     data_dir: PathBuf,
     vms: Mutex<BTreeMap<String, Entry>>,
     operations: Mutex<BTreeMap<u64, Operation>>,
@@ -106,7 +106,7 @@ impl Manager {
         let manager = Arc::new(Manager {
             store,
             cgroups: crate::cgroup::Cgroups::detect(std::path::Path::new("/sys/fs/cgroup")),
-            exe,
+            drivers: crate::hypervisor::Drivers::new(exe),
             data_dir,
             vms: Mutex::new(BTreeMap::new()),
             operations: Mutex::new(BTreeMap::new()),
@@ -505,21 +505,23 @@ impl Manager {
         // A fresh console for each run.
         let _ = std::fs::create_dir_all(&files.dir);
         let _ = std::fs::remove_file(files.console());
-        if let Err(e) = driver::check_files(&spec) {
-            self.update(name, |entry| {
-                entry.record.vm.status.state = VmState::Failed;
-                entry.record.vm.status.last_exit = Some(ExitInfo {
-                    code: None,
-                    signal: None,
-                    reason: e.to_string(),
-                    at: api::now_secs(),
+        let invocation = driver::check_files(&spec)
+            .map_err(|e| e.to_string())
+            .and_then(|()| self.drivers.get(spec.hypervisor).invocation(&spec, &files));
+        let invocation = match invocation {
+            Ok(invocation) => invocation,
+            Err(reason) => {
+                self.update(name, |entry| {
+                    entry.record.vm.status.state = VmState::Failed;
+                    entry.record.vm.status.last_exit = Some(ExitInfo {
+                        code: None,
+                        signal: None,
+                        reason: reason.clone(),
+                        at: api::now_secs(),
+                    });
                 });
-            });
-            return Err(e.to_string());
-        }
-        let invocation = match spec.hypervisor {
-            api::Hypervisor::Vanguard => driver::vanguard_invocation(&self.exe, &spec, &files),
-            api::Hypervisor::Qemu => driver::qemu_invocation(&spec, &files),
+                return Err(reason);
+            }
         };
         // Stored before the process exists: a daemon killed in between finds the process by
         // its console path when it comes back.
@@ -719,7 +721,7 @@ impl Manager {
             self.progress(op, "resuming the paused VM so that the guest can shut down");
             let hypervisor = self.get(name).map_err(|e| e.error.error)?.spec.hypervisor;
             let files = VmFiles::new(&self.data_dir, name);
-            if let Err(e) = driver::set_paused(hypervisor, &files, false).await {
+            if let Err(e) = self.drivers.get(hypervisor).set_paused(&files, false).await {
                 self.progress(op, &format!("cannot resume ({e}); waiting anyway"));
             }
         }
@@ -731,18 +733,10 @@ impl Manager {
                     timeout.as_secs()
                 ),
             );
-            let qemu = self.get(name).is_ok_and(|vm| vm.spec.hypervisor == api::Hypervisor::Qemu);
-            if qemu {
-                // QEMU ends at SIGTERM without asking the guest: press the button over QMP.
-                let socket = VmFiles::new(&self.data_dir, name).qmp_socket();
-                if let Err(e) = driver::qmp(&socket, "system_powerdown").await {
-                    self.progress(
-                        op,
-                        &format!("QMP system_powerdown failed ({e}); waiting anyway"),
-                    );
-                }
-            } else {
-                let _ = driver::signal(pid, libc::SIGTERM);
+            let hypervisor = self.get(name).map_err(|e| e.error.error)?.spec.hypervisor;
+            let files = VmFiles::new(&self.data_dir, name);
+            if let Err(e) = self.drivers.get(hypervisor).power_button(&files, pid).await {
+                self.progress(op, &format!("the power button failed ({e}); waiting anyway"));
             }
             if self.wait_stopped(name, timeout).await {
                 return Ok("the guest shut down".into());
@@ -785,7 +779,7 @@ impl Manager {
     async fn run_set_paused(&self, name: &str, pause: bool) -> Result<String, String> {
         let spec = self.get(name).map_err(|e| e.error.error)?.spec;
         let files = VmFiles::new(&self.data_dir, name);
-        driver::set_paused(spec.hypervisor, &files, pause).await?;
+        self.drivers.get(spec.hypervisor).set_paused(&files, pause).await?;
         let (from, to, kind, text) = if pause {
             (VmState::Running, VmState::Paused, "vm.paused", "paused")
         } else {
@@ -847,6 +841,11 @@ impl Manager {
                 return false;
             }
         }
+    }
+
+    /// The hypervisor drivers.
+    pub fn drivers(&self) -> [&dyn crate::hypervisor::Driver; 2] {
+        self.drivers.all()
     }
 
     /// Types `bytes` on a running VM's serial console.

@@ -478,37 +478,6 @@ fn meminfo(key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn vanguard_driver() -> DriverInfo {
-    let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
-    let (available, detail) = match kvm {
-        Err(e) => (false, format!("/dev/kvm: {e}")),
-        Ok(_) if std::path::Path::new("/sys/module/kvm_pvm").exists() => (
-            true,
-            "KVM without hardware virtualization (PVM): guest ring 0 is emulated".to_string(),
-        ),
-        Ok(_) => (true, "KVM".to_string()),
-    };
-    DriverInfo { name: "vanguard".into(), available, detail }
-}
-
-fn qemu_driver() -> DriverInfo {
-    let version = std::process::Command::new("qemu-system-x86_64").arg("--version").output();
-    let (available, detail) = match version {
-        Ok(out) if out.status.success() => {
-            let first =
-                String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").to_string();
-            let accel = if crate::driver::hardware_virtualization() {
-                "accel auto = KVM"
-            } else {
-                "accel auto = TCG (no hardware virtualization for KVM here)"
-            };
-            (true, format!("{first}; {accel}"))
-        }
-        _ => (false, "qemu-system-x86_64 not found (Debian package qemu-system-x86)".into()),
-    };
-    DriverInfo { name: "qemu".into(), available, detail }
-}
-
 /// The host: capacity, what runs, the hypervisor drivers.
 #[utoipa::path(get, path = "/v1/host", responses((status = 200, body = HostInfo)))]
 async fn host(State(m): Shared) -> Json<HostInfo> {
@@ -528,7 +497,7 @@ async fn host(State(m): Shared) -> Json<HostInfo> {
         vms_running: running.len() as u64,
         vcpus_running: running.iter().map(|v| u64::from(v.spec.cpus)).sum(),
         memory_running_mib: running.iter().map(|v| v.spec.memory_mib).sum(),
-        drivers: vec![vanguard_driver(), qemu_driver()],
+        drivers: m.drivers().iter().map(|d| d.info()).collect(),
         cgroups: m.cgroups(),
     })
 }

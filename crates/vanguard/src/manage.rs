@@ -463,11 +463,16 @@ fn spec_of(args: CreateArgs) -> Result<VmSpec, String> {
     if let Some(memory) = args.memory {
         spec.memory_mib = memory >> 20;
     }
-    spec.boot = api::Boot { kernel: args.kernel, initrd: args.initrd, cmdline: args.cmdline };
+    spec.boot = api::Boot {
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        firmware: api::Firmware::Bios,
+    };
     spec.disks = args
         .disk
         .into_iter()
-        .map(|path| api::Disk { path, readonly: false, serial: None })
+        .map(|path| api::Disk { path, readonly: false, serial: None, format: api::DiskFormat::Raw })
         .collect();
     spec.limits = api::Limits {
         cpu_quota_percent: args.cpu_quota,

@@ -894,6 +894,25 @@ fn qemu_runs_linux_through_the_daemon() {
     let daemon = Daemon::start();
     let client = daemon.client();
     let rt = multi_thread();
+    // A qcow2 disk made by qemu-img from known bytes: Linux must read those bytes through it.
+    let raw = daemon.dir.path().join("disk.raw");
+    let data = common::image(1 << 20, 0x7163_6f77);
+    std::fs::write(&raw, &data).unwrap();
+    let qcow2 = daemon.dir.path().join("disk.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&qcow2)
+        .output()
+        .expect("qemu-img runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let disk_md5 = common::net::md5_hex(&data);
+    // A NIC on a TAP, where the test can make one.
+    let tap = common::net::net_available().then(common::net::Tap::create);
+    let nics: Vec<serde_json::Value> = tap
+        .iter()
+        .map(|t| serde_json::json!({ "tap": t.name, "mac": "52:54:00:71:65:6d" }))
+        .collect();
     let linux = serde_json::json!({
         "name": "linux",
         "hypervisor": "qemu",
@@ -903,6 +922,8 @@ fn qemu_runs_linux_through_the_daemon() {
             "initrd": guest.initramfs,
             "cmdline": "console=ttyS0 panic=-1 vanguard.shell",
         },
+        "disks": [ { "path": qcow2, "format": "qcow2" } ],
+        "nics": nics,
     });
     let console = |client: &Client| -> String {
         let (_, bytes) = rt.block_on(client.raw("GET", "/v1/vms/linux/console", None)).unwrap();
@@ -933,6 +954,22 @@ fn qemu_runs_linux_through_the_daemon() {
     assert!(String::from_utf8_lossy(&cmdline).contains("qemu-system-x86_64"));
     wait_console("VANGUARD-LINUX-INIT: reached init");
     wait_console("VANGUARD-LINUX-INIT: shell");
+    std::thread::sleep(Duration::from_millis(500));
+    let type_line = |line: &str| {
+        rt.block_on(client.post_bytes("/v1/vms/linux/console", format!("{line}\n").into_bytes()))
+            .unwrap();
+    };
+    type_line("md5sum /dev/vda");
+    wait_console(&format!("{disk_md5}  /dev/vda"));
+    if let Some(tap) = &tap {
+        let (host, guest) = (tap.host_ip(), tap.guest_ip());
+        type_line(&format!(
+            "ip link set eth0 up; ip addr add {guest}/24 dev eth0; ping -c 2 -W 5 {host}"
+        ));
+        wait_console("2 packets transmitted, 2 packets received");
+        let neigh = common::net::ip(&["neigh", "show", &guest.to_string(), "dev", &tap.name]);
+        assert!(String::from_utf8_lossy(&neigh.stdout).contains("52:54:00:71:65:6d"));
+    }
     // Paused (QMP stop), the shell does not run what is typed; resumed (QMP cont), it does.
     rt.block_on(async {
         let op: Operation = client.post("/v1/vms/linux/pause", &()).await.unwrap();
@@ -1198,5 +1235,62 @@ fn the_websocket_console_works_with_a_peer_client() {
     rt().block_on(async {
         let vm: Vm = client.get("/v1/vms/wsecho").await.unwrap();
         assert_eq!(vm.status.state, VmState::Stopped);
+    });
+}
+
+/// The qemu driver boots OVMF for `boot.firmware: uefi`: its boot manager reports on the
+/// serial console, and the VM has a variable store of its own. The Vanguard driver refuses
+/// the field.
+#[test]
+fn qemu_boots_uefi_firmware() {
+    if !common::kvm_available()
+        || !common::linux_qemu::tool_available("qemu-system-x86_64", "--version", "qemu-system-x86")
+    {
+        return;
+    }
+    if daemon::hypervisor::ovmf().is_none() {
+        assert!(!common::env_flag("VANGUARD_REQUIRE_TOOLS"), "no OVMF (Debian package ovmf)");
+        println!("skipping: no OVMF firmware (Debian package ovmf)");
+        return;
+    }
+    let daemon = Daemon::start();
+    let client = daemon.client();
+    let disk = daemon.dir.path().join("blank.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let rt = multi_thread();
+    rt.block_on(async {
+        let mut refused = spec("efi-vanguard");
+        refused["boot"]["firmware"] = "uefi".into();
+        let (status, body) =
+            status_code(&client, "POST", "/v1/vms", Some(&refused.to_string())).await;
+        assert_eq!((status, body["field"].as_str()), (400, Some("boot.firmware")), "{body}");
+        let efi = serde_json::json!({
+            "name": "efi",
+            "hypervisor": "qemu",
+            "memory_mib": 256,
+            "boot": { "firmware": "uefi" },
+            "disks": [ { "path": disk } ],
+        });
+        let _: Vm = client.post("/v1/vms", &efi).await.unwrap();
+        let op: Operation = client.post("/v1/vms/efi/start", &()).await.unwrap();
+        assert_eq!(wait_op(&client, &op).await.state, OperationState::Succeeded);
+    });
+    let start = Instant::now();
+    loop {
+        let (_, bytes) = rt.block_on(client.raw("GET", "/v1/vms/efi/console", None)).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        if text.contains("BdsDxe") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "no OVMF boot manager in\n{text}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(daemon.data().join("vms/efi/OVMF_VARS.fd").is_file());
+    let vm: Vm = rt.block_on(client.get("/v1/vms/efi")).unwrap();
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", vm.status.pid.unwrap())).unwrap();
+    assert!(String::from_utf8_lossy(&cmdline).contains("if=pflash"));
+    rt.block_on(async {
+        let op: Operation = client.post("/v1/vms/efi/stop?force=true", &()).await.unwrap();
+        assert_eq!(wait_op(&client, &op).await.state, OperationState::Succeeded);
     });
 }
