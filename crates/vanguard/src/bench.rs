@@ -164,6 +164,9 @@ fn memory() -> Result<(), String> {
             _ => return Err("the guest ended before it was ready".into()),
         }
     }
+    // The steady state of a VM waiting for input: after start-up (the VMM drops the start-up
+    // pages of its executable once the vCPUs run, racing the guest's first output).
+    std::thread::sleep(Duration::from_millis(200));
     let (total, guest) = rss_split(child.id(), guest_size)?;
     if let Some(mut stdin) = child.stdin.take() {
         let _ = stdin.write_all(b"quit\n");

@@ -205,6 +205,50 @@ fn install_sigterm_handler() {
     });
 }
 
+/// Drops this process's mappings of its own executable's read-only pages (code and read-only
+/// data) once the VM runs: start-up touched much of them (the embedded test guest is copied
+/// out of the read-only data, and fault-around maps 64 KiB around each code fault, in a binary
+/// that also holds the daemon), most of it never needed again. The pages stay in the page cache; what the running VMM needs comes back with
+/// a minor fault. Only RSS changes (docs/performance.md).
+fn trim_startup_pages() {
+    let Ok(exe) = std::fs::read_link("/proc/self/exe") else { return };
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else { return };
+    // (start, end, read-only mapping of the executable, no private copies in it)
+    let mut current: Option<(usize, usize, bool)> = None;
+    let mut drop = Vec::new();
+    for line in smaps.lines() {
+        if let Some(anon) = line.strip_prefix("Anonymous:") {
+            // The RELRO part (relocated by the loader, then made read-only) has private
+            // copies: dropping those would bring back the file's unrelocated bytes.
+            if let Some((start, end, true)) = current.take() {
+                if anon.trim() == "0 kB" {
+                    drop.push((start, end));
+                }
+            }
+            continue;
+        }
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else { continue };
+        let Some((start, end)) = range.split_once('-') else { continue };
+        let (Ok(start), Ok(end)) = (usize::from_str_radix(start, 16), usize::from_str_radix(end, 16))
+        else {
+            continue;
+        };
+        let path = fields.nth(3).unwrap_or("");
+        // The executable only: the shared libraries' pages come straight back (libc's code is
+        // in use, and fault-around maps its neighbours), measured.
+        let ours = std::path::Path::new(path) == exe && !perms.contains('w');
+        current = Some((start, end, ours));
+    }
+    for (start, end) in drop {
+        // SAFETY: the range is a whole read-only, file-backed private mapping of this process
+        // with no private (anonymous) pages in it (from /proc/self/smaps): MADV_DONTNEED only
+        // drops page-table entries, and the same bytes come back from the file on the next
+        // access.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+    }
+}
+
 /// Writes one byte to `fd` and closes it ([`VmConfig::ready_fd`]); a supervisor that has gone
 /// away (EPIPE) or a bad descriptor changes nothing for the VM.
 fn signal_ready(fd: i32) {
@@ -545,6 +589,7 @@ impl Vm {
         if let Some(fd) = config.ready_fd {
             signal_ready(fd);
         }
+        trim_startup_pages();
 
         // The first report decides the outcome; then every vCPU is stopped. Meanwhile a
         // SIGTERM presses the power button, as a host shutting down would.
