@@ -338,15 +338,31 @@ impl Manager {
 
     /// Waits until operation `id` is done or `timeout` passes; returns it either way.
     pub async fn wait_operation(&self, id: u64, timeout: Duration) -> Result<Operation, Failure> {
+        let finished = self
+            .wait_until(timeout, || match self.operation(id) {
+                Ok(op) if op.state == OperationState::Running => None,
+                other => Some(other),
+            })
+            .await;
+        finished.unwrap_or_else(|| self.operation(id))
+    }
+
+    /// Evaluates `check` now and after every change (`changed`) until it gives a value, or
+    /// `timeout` passes (None).
+    async fn wait_until<T>(
+        &self,
+        timeout: Duration,
+        mut check: impl FnMut() -> Option<T>,
+    ) -> Option<T> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
+            // Made before the check: a change between the check and the wait still wakes it.
             let notified = self.changed.notified();
-            let op = self.operation(id)?;
-            if op.state != OperationState::Running {
-                return Ok(op);
+            if let Some(value) = check() {
+                return Some(value);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return self.operation(id);
+                return None;
             }
         }
     }
@@ -464,38 +480,37 @@ impl Manager {
         let generation = self.launch(name)?;
         self.progress(op, "waiting for the VM's vCPUs to run");
         // The VMM says when every vCPU runs (its ready pipe); a VMM that fails first ends.
-        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
-        loop {
-            let notified = self.changed.notified();
-            let (vm, current) = {
+        let outcome = self
+            .wait_until(START_TIMEOUT, || {
                 let vms = lock(&self.vms);
-                let entry = vms.get(name).ok_or_else(|| format!("'{name}' was deleted"))?;
-                (entry.record.vm.clone(), entry.generation == generation)
-            };
-            match (vm.status.state, current) {
-                (VmState::Running, true) => return Ok("running".into()),
-                (VmState::Stopped, true) => {
-                    return Ok("started; the guest has already powered off".into())
-                }
-                (VmState::Starting, true) => {}
-                _ => {
-                    return Err(vm
-                        .status
+                let Some(entry) = vms.get(name) else {
+                    return Some(Err(format!("'{name}' was deleted")));
+                };
+                let status = &entry.record.vm.status;
+                match (status.state, entry.generation == generation) {
+                    (VmState::Running, true) => Some(Ok("running".into())),
+                    (VmState::Stopped, true) => {
+                        Some(Ok("started; the guest has already powered off".into()))
+                    }
+                    (VmState::Starting, true) => None,
+                    _ => Some(Err(status
                         .last_exit
-                        .map(|exit| exit.reason)
-                        .unwrap_or_else(|| "the VM did not start".into()))
+                        .as_ref()
+                        .map(|exit| exit.reason.clone())
+                        .unwrap_or_else(|| "the VM did not start".into()))),
                 }
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                if let Some(pid) = vm.status.pid {
-                    let _ = driver::signal(pid, libc::SIGKILL);
-                }
-                return Err(format!(
-                    "the VMM did not report its vCPUs running within {}s; killed",
-                    START_TIMEOUT.as_secs()
-                ));
-            }
+            })
+            .await;
+        if let Some(outcome) = outcome {
+            return outcome;
         }
+        if let Some(pid) = self.get(name).ok().and_then(|vm| vm.status.pid) {
+            let _ = driver::signal(pid, libc::SIGKILL);
+        }
+        Err(format!(
+            "the VMM did not report its vCPUs running within {}s; killed",
+            START_TIMEOUT.as_secs()
+        ))
     }
 
     /// Starts the VMM process for `name`; returns its generation.
@@ -829,18 +844,7 @@ impl Manager {
 
     /// Waits until the VM has no process; false after `timeout`.
     async fn wait_stopped(&self, name: &str, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let notified = self.changed.notified();
-            let running =
-                lock(&self.vms).get(name).is_some_and(|e| e.record.vm.status.pid.is_some());
-            if !running {
-                return true;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return false;
-            }
-        }
+        self.wait_until(timeout, || (!self.is_running(name)).then_some(())).await.is_some()
     }
 
     /// The hypervisor drivers.

@@ -13,77 +13,16 @@
 
 mod common;
 
+use common::linux_qemu::linux_guest;
 use common::{run_args, Outcome};
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::Path;
 use std::time::Duration;
 
 const CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 vanguard.test=1";
 const TIMEOUT: Duration = Duration::from_secs(180);
 /// The bzImage under PVM decompresses itself in emulated ring 0 first.
 const BZIMAGE_TIMEOUT: Duration = Duration::from_secs(480);
-
-struct LinuxGuest {
-    vmlinux: PathBuf,
-    vmlinuz: PathBuf,
-    initramfs: PathBuf,
-}
-
-/// Skips the test (prints why and returns None), or fails under VANGUARD_REQUIRE_LINUX=1.
-fn unavailable(why: &str) -> Option<&'static LinuxGuest> {
-    if common::env_flag("VANGUARD_REQUIRE_LINUX") {
-        panic!("{why}; VANGUARD_REQUIRE_LINUX=1 makes that a failure");
-    }
-    println!("skipping: {why} (set VANGUARD_REQUIRE_LINUX=1 to make this a failure)");
-    None
-}
-
-/// The Linux guest, built once per test run if missing.
-fn linux_guest() -> Option<&'static LinuxGuest> {
-    static GUEST: OnceLock<Result<LinuxGuest, String>> = OnceLock::new();
-    let guest = GUEST.get_or_init(|| {
-        let root = common::repo_root();
-        let dir = root.join("build/linux-guest");
-        let guest = LinuxGuest {
-            vmlinux: dir.join("vmlinux"),
-            vmlinuz: dir.join("vmlinuz"),
-            initramfs: dir.join("initramfs.cpio.gz"),
-        };
-        let built = |g: &LinuxGuest| g.vmlinux.is_file() && g.vmlinuz.is_file() && g.initramfs.is_file();
-        if built(&guest) {
-            return Ok(guest);
-        }
-        let script = root.join("scripts/build-linux-guest.sh");
-        println!("build/linux-guest is incomplete: running {}", script.display());
-        let output = std::process::Command::new(&script)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-        if !output.status.success() {
-            return Err(format!(
-                "{} failed ({}):\n{}{}",
-                script.display(),
-                output.status,
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            ));
-        }
-        if built(&guest) {
-            Ok(guest)
-        } else {
-            Err(format!(
-                "{} succeeded but {} has no vmlinux, vmlinuz and initramfs.cpio.gz (is lz4 installed?)",
-                script.display(),
-                dir.display()
-            ))
-        }
-    });
-    match guest {
-        Ok(guest) => Some(guest),
-        Err(why) => unavailable(why),
-    }
-}
 
 fn boot(kernel: &Path, initramfs: &Path) -> Outcome {
     boot_with_timeout(kernel, initramfs, TIMEOUT)

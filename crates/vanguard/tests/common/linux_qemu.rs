@@ -135,6 +135,8 @@ pub fn tool_available(program: &str, arg: &str, package: &str) -> bool {
 pub struct LinuxGuest {
     pub vmlinuz: PathBuf,
     pub initramfs: PathBuf,
+    /// The uncompressed kernel (the script extracts it with lz4).
+    pub vmlinux: PathBuf,
 }
 
 /// The Linux guest, brought up to date once per test run: the build script is cheap when its
@@ -158,12 +160,18 @@ pub fn linux_guest() -> Option<&'static LinuxGuest> {
             ));
         }
         let dir = root.join("build/linux-guest");
-        let guest =
-            LinuxGuest { vmlinuz: dir.join("vmlinuz"), initramfs: dir.join("initramfs.cpio.gz") };
-        if guest.vmlinuz.is_file() && guest.initramfs.is_file() {
+        let guest = LinuxGuest {
+            vmlinuz: dir.join("vmlinuz"),
+            initramfs: dir.join("initramfs.cpio.gz"),
+            vmlinux: dir.join("vmlinux"),
+        };
+        if guest.vmlinuz.is_file() && guest.initramfs.is_file() && guest.vmlinux.is_file() {
             Ok(guest)
         } else {
-            Err(format!("{} has no vmlinuz and initramfs.cpio.gz", dir.display()))
+            Err(format!(
+                "{} has no vmlinuz, vmlinux and initramfs.cpio.gz (is lz4 installed?)",
+                dir.display()
+            ))
         }
     });
     match guest {
