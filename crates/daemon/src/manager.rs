@@ -513,6 +513,19 @@ impl Manager {
         ))
     }
 
+    /// Records that a start failed before any process ran: `failed`, with the reason.
+    fn mark_start_failed(&self, name: &str, reason: &str) {
+        self.update(name, |entry| {
+            entry.record.vm.status.state = VmState::Failed;
+            entry.record.vm.status.last_exit = Some(ExitInfo {
+                code: None,
+                signal: None,
+                reason: reason.to_string(),
+                at: api::now_secs(),
+            });
+        });
+    }
+
     /// Starts the VMM process for `name`; returns its generation.
     fn launch(self: &Arc<Self>, name: &str) -> Result<u64, String> {
         let spec = self.get(name).map_err(|e| e.error.error)?.spec;
@@ -526,15 +539,7 @@ impl Manager {
         let invocation = match invocation {
             Ok(invocation) => invocation,
             Err(reason) => {
-                self.update(name, |entry| {
-                    entry.record.vm.status.state = VmState::Failed;
-                    entry.record.vm.status.last_exit = Some(ExitInfo {
-                        code: None,
-                        signal: None,
-                        reason: reason.clone(),
-                        at: api::now_secs(),
-                    });
-                });
+                self.mark_start_failed(name, &reason);
                 return Err(reason);
             }
         };
@@ -552,15 +557,7 @@ impl Manager {
             }) {
             Ok(launched) => launched,
             Err(reason) => {
-                self.update(name, |entry| {
-                    entry.record.vm.status.state = VmState::Failed;
-                    entry.record.vm.status.last_exit = Some(ExitInfo {
-                        code: None,
-                        signal: None,
-                        reason: reason.clone(),
-                        at: api::now_secs(),
-                    });
-                });
+                self.mark_start_failed(name, &reason);
                 self.emit("vm.failed", Some(name), None, &reason);
                 return Err(reason);
             }
