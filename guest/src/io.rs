@@ -119,6 +119,11 @@ pub fn serial_read_byte() -> u8 {
     inb(COM1)
 }
 
+/// A byte of serial input if one is waiting.
+pub fn serial_try_read() -> Option<u8> {
+    (inb(COM1 + 5) & 1 != 0).then(|| inb(COM1))
+}
+
 /// Tells the boot timer (if the VMM attached one) that the payload has been reached.
 pub fn boot_timer_mark() {
     outb(BOOT_TIMER, 1);

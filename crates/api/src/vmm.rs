@@ -7,6 +7,7 @@
 //! | `PUT /v1/vm/pause` | 200 [`VmmInfo`] once no vCPU runs; 409 [`crate::ApiError`] if the VM is starting or stopping |
 //! | `PUT /v1/vm/resume` | 200 [`VmmInfo`] |
 //! | `PUT /v1/vm/shutdown` | 202 [`VmmInfo`]: the ACPI power button was pressed; 409 while paused |
+//! | `PUT /v1/vm/snapshot` | body [`SnapshotRequest`]; 200 [`SnapshotInfo`] once written (a running VM is paused for it, then resumed); 400 for a malformed body, 409 if the VM cannot be snapshotted now or at all, 500 if writing failed |
 //! | `GET /metrics` | 200, Prometheus text format |
 
 use serde::{Deserialize, Serialize};
@@ -43,4 +44,34 @@ pub struct VmmInfo {
     pub paused_ms: u64,
     /// Vanguard's version.
     pub version: String,
+}
+
+/// `PUT /v1/vm/snapshot`: where to write a snapshot (docs/snapshot.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// The snapshot directory (created if missing); its `state` and `memory` files are
+    /// replaced.
+    pub destination: String,
+    /// Write only the memory pages written since this VMM's last snapshot into the same
+    /// directory.
+    #[serde(default)]
+    pub incremental: bool,
+}
+
+/// What a snapshot wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotInfo {
+    /// The directory.
+    pub destination: String,
+    /// Whether only dirty pages were written.
+    pub incremental: bool,
+    /// Guest memory bytes written (zero pages of a full snapshot are holes, not counted).
+    pub memory_bytes_written: u64,
+    /// Size of the state file.
+    pub state_bytes: u64,
+    /// Microseconds the guest was stopped for it (0 if it was paused already).
+    pub downtime_us: u64,
+    /// Microseconds from the request to the answer.
+    pub total_us: u64,
 }

@@ -250,6 +250,33 @@ impl ConfigSpace {
         }
     }
 
+    /// Every byte of the space as it stands (BAR addresses, command, capabilities' state), for
+    /// a snapshot.
+    pub fn raw(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Puts back bytes from [`ConfigSpace::raw`] of the same function (a restored VM's): the
+    /// read-only identity must match, so a snapshot cannot turn one function into another.
+    pub fn restore_raw(&mut self, bytes: &[u8]) -> Result<(), String> {
+        if bytes.len() != self.bytes.len() {
+            return Err(format!(
+                "{} bytes of configuration space, expected {}",
+                bytes.len(),
+                self.bytes.len()
+            ));
+        }
+        for (at, (saved, now)) in bytes.iter().zip(&self.bytes).enumerate() {
+            if self.mask[at] == 0 && saved != now && at < 0x40 && !(0x06..0x08).contains(&at) {
+                return Err(format!(
+                    "read-only byte {at:#x} is {saved:#04x} in the snapshot but {now:#04x} here"
+                ));
+            }
+        }
+        self.bytes.copy_from_slice(bytes);
+        Ok(())
+    }
+
     /// The guest writes: only the bits the mask allows change; invalid accesses are dropped.
     pub fn write(&mut self, offset: usize, data: &[u8]) {
         if !valid_access(offset, data.len()) || offset + data.len() > CONFIG_SPACE_SIZE {

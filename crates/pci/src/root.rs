@@ -79,6 +79,36 @@ impl PciRoot {
         self.slots.get(usize::from(slot))?.as_ref()
     }
 
+    /// How many functions the bus holds, the host bridge included.
+    pub fn function_count(&self) -> usize {
+        self.slots.iter().flatten().count()
+    }
+
+    /// Each present function's slot and configuration space bytes, for a snapshot.
+    pub fn save_config(&self) -> Vec<(u8, Vec<u8>)> {
+        (0u8..)
+            .zip(&self.slots)
+            .filter_map(|(slot, device)| {
+                Some((slot, lock(device.as_ref()?).config().raw().to_vec()))
+            })
+            .collect()
+    }
+
+    /// Puts back configuration spaces from [`PciRoot::save_config`].
+    pub fn restore_config(&self, saved: &[(u8, Vec<u8>)]) -> Result<(), String> {
+        for (slot, bytes) in saved {
+            let device =
+                self.slots.get(usize::from(*slot)).and_then(Option::as_ref).ok_or_else(|| {
+                    format!("the snapshot has a PCI function in slot {slot}, this VM none")
+                })?;
+            lock(device)
+                .config_mut()
+                .restore_raw(bytes)
+                .map_err(|e| format!("slot {slot}: {e}"))?;
+        }
+        Ok(())
+    }
+
     /// A configuration read; absent functions and malformed accesses read as all ones.
     pub fn config_read(&self, bus: u8, slot: u8, function: u8, offset: usize, data: &mut [u8]) {
         match self.function(bus, slot, function) {
@@ -134,6 +164,16 @@ impl ConfigIo {
     /// The ports for `root`.
     pub fn new(root: Arc<PciRoot>) -> Self {
         Self { root, address: 0 }
+    }
+
+    /// CONFIG_ADDRESS as the guest last set it (snapshot).
+    pub fn address(&self) -> u32 {
+        self.address
+    }
+
+    /// Sets CONFIG_ADDRESS (restore).
+    pub fn set_address(&mut self, address: u32) {
+        self.address = address & 0x80ff_fffc;
     }
 
     /// The function and register CONFIG_ADDRESS selects, if enabled (bit 31).

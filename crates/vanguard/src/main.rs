@@ -190,6 +190,14 @@ struct RunArgs {
     /// PATH.1, replacing it), e.g. 1M.
     #[arg(long, value_name = "SIZE", value_parser = size::parse_size)]
     serial_max: Option<u64>,
+    /// Restore the VM of a snapshot directory (PUT /v1/vm/snapshot of the per-VM API,
+    /// docs/snapshot.md) and run it from where it was; the machine comes from the snapshot,
+    /// so the options that describe one are refused.
+    #[arg(long, value_name = "DIR", conflicts_with_all = [
+        "kernel", "initrd", "cmdline", "cpus", "memory", "hugepages", "debug_exit", "boot_timer",
+        "rng", "virtio_transport", "disk", "net", "balloon", "vsock",
+    ])]
+    restore: Option<PathBuf>,
 }
 
 fn parse_vsock(s: &str) -> Result<vmm::VsockConfig, String> {
@@ -385,6 +393,26 @@ fn parse_serial(s: &str) -> Result<SerialOutput, String> {
 }
 
 fn run(args: RunArgs, start: Instant) -> Result<VmOutcome, vmm::VmmError> {
+    if let Some(dir) = &args.restore {
+        let prepared = Vm::prepare_restore(dir)?;
+        let _raw = if args.serial == SerialOutput::Stdio {
+            vmm::console::RawTerminal::enable()
+        } else {
+            None
+        };
+        let options = vmm::RestoreOptions {
+            serial: args.serial.clone(),
+            serial_max_bytes: args.serial_max,
+            interactive_console: _raw.is_some(),
+            ready_fd: args.ready_fd,
+        };
+        let control = vmm::VmControl::new(prepared.vcpus(), prepared.memory());
+        let _api = match &args.api_socket {
+            Some(path) => Some(vmm_api::start(path, control.clone())?),
+            None => None,
+        };
+        return Vm::run_restored(prepared, options, control);
+    }
     let (kernel, default_cmdline) = match args.kernel {
         Some(path) => (KernelImage::Path(path), "console=ttyS0"),
         None => (

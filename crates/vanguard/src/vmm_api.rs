@@ -6,7 +6,7 @@
 //! readable and writable by the owner only (mode 0600), and removed when the VMM ends. A socket
 //! left by a VMM that was killed is replaced; one that still answers is refused.
 
-use api::vmm::{VmmInfo, VmmState};
+use api::vmm::{SnapshotInfo, SnapshotRequest, VmmInfo, VmmState};
 use api::ApiError;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
@@ -169,11 +169,54 @@ fn metrics(control: &VmControl) -> String {
     out
 }
 
+/// `PUT /v1/vm/snapshot`: the body names the directory; the work (pause, capture, write)
+/// runs off the runtime's thread.
+async fn snapshot(body: &[u8], control: Arc<VmControl>) -> Answer {
+    let request: SnapshotRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid snapshot request: {e}")),
+    };
+    let result = tokio::task::spawn_blocking(move || {
+        control.snapshot(std::path::Path::new(&request.destination), request.incremental)
+    })
+    .await;
+    match result {
+        Ok(Ok(report)) => json(
+            StatusCode::OK,
+            &SnapshotInfo {
+                destination: report.dir.display().to_string(),
+                incremental: report.incremental,
+                memory_bytes_written: report.memory_bytes_written,
+                state_bytes: report.state_bytes,
+                downtime_us: u64::try_from(report.downtime.as_micros()).unwrap_or(u64::MAX),
+                total_us: u64::try_from(report.total.as_micros()).unwrap_or(u64::MAX),
+            },
+        ),
+        Ok(Err(vmm::SnapshotFailure::Control(e))) => error(StatusCode::CONFLICT, e.to_string()),
+        Ok(Err(e @ vmm::SnapshotFailure::Unsupported(_))) => {
+            error(StatusCode::CONFLICT, e.to_string())
+        }
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
 async fn handle(req: Request<Incoming>, control: Arc<VmControl>) -> Result<Answer, Infallible> {
     let (parts, body) = req.into_parts();
-    // A body is not expected; reading it keeps the connection usable.
-    let _ = body.collect().await;
+    // Read whole (bounded: the only body is a small JSON object); reading it also keeps the
+    // connection usable.
+    let body = match http_body_util::Limited::new(body, 64 << 10).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return Ok(error(StatusCode::BAD_REQUEST, format!("request body: {e}"))),
+    };
     let path = parts.uri.path();
+    if path == "/v1/vm/snapshot" {
+        return Ok(if parts.method == Method::PUT {
+            snapshot(&body, control).await
+        } else {
+            error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} takes PUT"))
+        });
+    }
     let action = match path {
         "/v1/vm" | "/metrics" if parts.method == Method::GET => {
             return Ok(if path == "/metrics" {

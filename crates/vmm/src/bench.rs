@@ -12,7 +12,7 @@ use kvm_ioctls::VcpuExit;
 /// Runs a single-vCPU VM with the bare loop until the guest writes the ACPI power-off port;
 /// returns the bytes the guest wrote to the serial data port.
 pub fn bare_exit_loop(config: &VmConfig) -> Result<Vec<u8>, VmmError> {
-    let built = Vm::build(config)?;
+    let built = Vm::build(config, None)?;
     let cpu = 0;
     let vcpu = built.vm.create_vcpu(0).map_err(crate::vm::kvm_call("create vCPU"))?;
     vcpu::configure(&vcpu, cpu, built.cpuid.clone(), 1, Some(&built.boot))?;

@@ -8,7 +8,9 @@
 //! running (a virtio worker may still complete a request the guest made before the pause).
 //! Resume clears the flag and wakes them.
 
+use crate::snapshot::{Machine, SnapshotFailure, SnapshotReport, VcpuState};
 use devices::legacy::AcpiPm;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -87,11 +89,20 @@ struct Inner {
     power: Option<Arc<Mutex<AcpiPm>>>,
     paused_total: Duration,
     paused_since: Option<Instant>,
+    machine: Option<Arc<Machine>>,
+    /// Per vCPU, a snapshot's request for its state and the answer.
+    capture: Vec<Capture>,
+}
+
+enum Capture {
+    Wanted,
+    Done(Box<Result<VcpuState, SnapshotFailure>>),
 }
 
 /// The handle: shared by the VM's threads and whoever controls it (the per-VM API).
 pub struct VmControl {
     inner: Mutex<Inner>,
+    snapshotting: Mutex<()>,
     parked_changed: Condvar,
     pause_requested: AtomicBool,
     stop: Arc<AtomicBool>,
@@ -116,7 +127,10 @@ impl VmControl {
                 power: None,
                 paused_total: Duration::ZERO,
                 paused_since: None,
+                machine: None,
+                capture: Vec::new(),
             }),
+            snapshotting: Mutex::new(()),
             parked_changed: Condvar::new(),
             pause_requested: AtomicBool::new(false),
             stop: Arc::new(AtomicBool::new(false)),
@@ -137,11 +151,12 @@ impl VmControl {
         self.counters.get(cpu).cloned().unwrap_or_default()
     }
 
-    /// Every vCPU thread runs: the VM can be paused from now on.
-    pub(crate) fn running(&self, threads: Vec<libc::pthread_t>, power: Arc<Mutex<AcpiPm>>) {
+    /// Every vCPU thread runs: the VM can be paused (and snapshotted) from now on.
+    pub(crate) fn running(&self, threads: Vec<libc::pthread_t>, machine: Arc<Machine>) {
         let mut inner = lock(&self.inner);
         inner.threads = threads;
-        inner.power = Some(power);
+        inner.power = Some(machine.power.clone());
+        inner.machine = Some(machine);
         inner.state = RunState::Running;
     }
 
@@ -157,8 +172,9 @@ impl VmControl {
     }
 
     /// Called by a vCPU thread at the top of its run loop: parks while a pause is requested
-    /// (and the VM is not stopping).
-    pub(crate) fn checkpoint(&self) {
+    /// (and the VM is not stopping). A parked vCPU captures its own state when a snapshot asks
+    /// (KVM's vCPU calls belong on the vCPU's thread).
+    pub(crate) fn checkpoint(&self, cpu: usize, vcpu: &mut kvm_ioctls::VcpuFd) {
         if !self.pause_requested.load(Ordering::Acquire) {
             return;
         }
@@ -166,9 +182,107 @@ impl VmControl {
         inner.parked += 1;
         self.parked_changed.notify_all();
         while self.pause_requested.load(Ordering::Acquire) && !self.stop.load(Ordering::Acquire) {
+            if inner.capture.get(cpu).is_some_and(|c| matches!(c, Capture::Wanted)) {
+                let indices =
+                    inner.machine.as_ref().map(|m| m.msr_indices.clone()).unwrap_or_default();
+                drop(inner);
+                let index = u8::try_from(cpu).unwrap_or(u8::MAX);
+                let result = crate::snapshot::capture_vcpu(vcpu, index, &indices);
+                inner = lock(&self.inner);
+                if let Some(slot) = inner.capture.get_mut(cpu) {
+                    *slot = Capture::Done(Box::new(result));
+                }
+                self.parked_changed.notify_all();
+                continue;
+            }
             inner = self.parked_changed.wait(inner).unwrap_or_else(PoisonError::into_inner);
         }
         inner.parked -= 1;
+    }
+
+    /// Asks every parked vCPU for its state and waits for all of them.
+    fn capture_vcpus(&self) -> Result<Vec<VcpuState>, SnapshotFailure> {
+        let mut inner = lock(&self.inner);
+        if inner.state != RunState::Paused {
+            return Err(ControlError::WrongState(
+                inner.state.as_str(),
+                "a snapshot needs it paused",
+            )
+            .into());
+        }
+        inner.capture = (0..self.vcpus).map(|_| Capture::Wanted).collect();
+        self.parked_changed.notify_all();
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        loop {
+            if inner.capture.iter().all(|c| matches!(c, Capture::Done(_))) {
+                break;
+            }
+            if Instant::now() > deadline || inner.state == RunState::Stopping {
+                inner.capture.clear();
+                return Err(SnapshotFailure::Unsupported(
+                    "not every vCPU reported its state within 5 s".into(),
+                ));
+            }
+            inner = self
+                .parked_changed
+                .wait_timeout(inner, Duration::from_millis(10))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        std::mem::take(&mut inner.capture)
+            .into_iter()
+            .map(|c| match c {
+                Capture::Done(result) => *result,
+                Capture::Wanted => Err(SnapshotFailure::Unsupported("lost a vCPU's state".into())),
+            })
+            .collect()
+    }
+
+    /// Writes a snapshot of the VM into `dir` (docs/snapshot.md): a running VM is paused for
+    /// it and resumed after, a paused one stays paused. `incremental` writes only the memory
+    /// pages written since this process's last snapshot into the same directory.
+    pub fn snapshot(
+        &self,
+        dir: &Path,
+        incremental: bool,
+    ) -> Result<SnapshotReport, SnapshotFailure> {
+        let started = Instant::now();
+        let Some(machine) = lock(&self.inner).machine.clone() else {
+            return Err(ControlError::WrongState("starting", "try again").into());
+        };
+        // One snapshot at a time.
+        let _one = lock(&self.snapshotting);
+        let was_running = match lock(&self.inner).state {
+            RunState::Running => true,
+            RunState::Paused => false,
+            RunState::Starting => {
+                return Err(ControlError::WrongState("starting", "try again").into())
+            }
+            RunState::Stopping => {
+                return Err(ControlError::WrongState("stopping", "too late").into())
+            }
+        };
+        if was_running {
+            self.pause()?;
+        }
+        let stopped = Instant::now();
+        let result = self.capture_vcpus().and_then(|vcpus| machine.write(dir, incremental, &vcpus));
+        let downtime = if was_running {
+            // A VM that stops meanwhile cannot be resumed; the snapshot's result still stands.
+            let _ = self.resume();
+            stopped.elapsed()
+        } else {
+            Duration::ZERO
+        };
+        let (memory_bytes_written, state_bytes) = result?;
+        Ok(SnapshotReport {
+            dir: dir.to_path_buf(),
+            incremental,
+            memory_bytes_written,
+            state_bytes,
+            downtime,
+            total: started.elapsed(),
+        })
     }
 
     /// Pauses the VM: returns once no vCPU runs guest code. Pausing a paused VM does nothing.

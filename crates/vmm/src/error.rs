@@ -240,4 +240,7 @@ pub enum VmmError {
     /// The guest crashed.
     #[error("guest failed")]
     Guest(#[from] GuestFailure),
+    /// A snapshot or restore failed.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotFailure),
 }

@@ -13,6 +13,7 @@ mod irq;
 mod kernel;
 mod memory;
 mod regs;
+mod snapshot;
 mod vcpu;
 mod vm;
 
@@ -22,7 +23,8 @@ pub use config::{
 };
 pub use control::{ControlError, ControlInfo, RunState, VmControl};
 pub use error::{GuestFailure, VmmError};
-pub use vm::{Vm, VmOutcome};
+pub use snapshot::{SnapshotFailure, SnapshotReport, MEMORY_FILE, STATE_FILE};
+pub use vm::{PreparedRestore, RestoreOptions, Vm, VmOutcome};
 
 /// Checks a `--net tap=` name as the kernel will (see [`NetConfig`]).
 pub use virtio_devices::net::validate_tap_name;

@@ -143,7 +143,7 @@ impl VcpuRunner {
             if self.stop.load(Ordering::Acquire) {
                 return;
             }
-            self.control.checkpoint();
+            self.control.checkpoint(usize::from(cpu), &mut self.vcpu);
             if self.stop.load(Ordering::Acquire) {
                 return;
             }

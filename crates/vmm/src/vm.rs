@@ -5,6 +5,7 @@ use crate::control::VmControl;
 use crate::error::VmmError;
 use crate::kernel;
 use crate::memory;
+use crate::snapshot::{Machine, MachineDesc, RamRange, Restored};
 use crate::vcpu::{self, BootState, VcpuReport, VcpuRunner};
 use arch::layout::*;
 use devices::legacy::{AcpiPm, BootTimer, DebugExit, SerialPort, I8042};
@@ -16,6 +17,7 @@ use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, Once};
 use std::time::Duration;
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 /// How a VM ended when the guest ended it.
@@ -42,6 +44,37 @@ pub const KVM_DEVICE_ENV: &str = "VANGUARD_KVM_DEVICE";
 /// A virtual machine.
 pub struct Vm;
 
+/// A snapshot read and checked by [`Vm::prepare_restore`].
+pub struct PreparedRestore(Restored);
+
+impl PreparedRestore {
+    /// The snapshot's vCPUs.
+    pub fn vcpus(&self) -> usize {
+        usize::from(self.0.machine.vcpus)
+    }
+    /// The snapshot's guest memory, bytes.
+    pub fn memory(&self) -> u64 {
+        self.0.machine.memory
+    }
+}
+
+/// What a restore takes from the command line rather than from the snapshot.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    /// Where the guest's serial console goes.
+    pub serial: SerialOutput,
+    /// As [`VmConfig::serial_max_bytes`].
+    pub serial_max_bytes: Option<u64>,
+    /// As [`VmConfig::interactive_console`].
+    pub interactive_console: bool,
+    /// As [`VmConfig::ready_fd`].
+    pub ready_fd: Option<i32>,
+}
+
+fn restore_err(what: String) -> VmmError {
+    VmmError::Snapshot(crate::snapshot::SnapshotFailure::Incompatible(what))
+}
+
 /// A VM ready for its vCPUs.
 pub(crate) struct BuiltVm {
     pub vm: Arc<VmFd>,
@@ -50,7 +83,7 @@ pub(crate) struct BuiltVm {
     pub mmio: Arc<Bus>,
     pub boot: BootState,
     pub cpuid: kvm_bindings::CpuId,
-    pub power: Arc<Mutex<AcpiPm>>,
+    pub machine: Arc<Machine>,
 }
 
 struct EventFdIrq(EventFd);
@@ -281,6 +314,18 @@ fn serial_writer(
     })
 }
 
+/// The virtio-mmio windows of `count` devices: window n at VIRTIO_MMIO_START + n * stride,
+/// GSI 16 + n, described in ACPI (and on the command line).
+fn mmio_windows(count: usize) -> Vec<arch::acpi::VirtioMmioInfo> {
+    (0..count)
+        .map(|n| arch::acpi::VirtioMmioInfo {
+            base: u32::try_from(VIRTIO_MMIO_START + VIRTIO_MMIO_STRIDE * n as u64).unwrap_or(0),
+            len: u32::try_from(virtio_devices::mmio::MMIO_WINDOW).unwrap_or(0),
+            gsi: VIRTIO_MMIO_GSI_BASE + u32::try_from(n).unwrap_or(0),
+        })
+        .collect()
+}
+
 impl Vm {
     /// Builds the VM described by `config`, runs it, and returns how the guest ended it.
     pub fn run(config: VmConfig) -> Result<VmOutcome, VmmError> {
@@ -294,13 +339,52 @@ impl Vm {
         config: VmConfig,
         control: Arc<VmControl>,
     ) -> Result<VmOutcome, VmmError> {
-        let built = Self::build(&config)?;
-        Self::run_built(&config, built, &control)
+        let built = Self::build(&config, None)?;
+        Self::run_built(&config, built, &control, None)
     }
 
-    /// Creates the VM, its memory, devices and boot state, without any vCPU.
-    pub(crate) fn build(config: &VmConfig) -> Result<BuiltVm, VmmError> {
+    /// Reads and checks a snapshot directory (docs/snapshot.md) for [`Vm::run_restored`].
+    pub fn prepare_restore(dir: &std::path::Path) -> Result<PreparedRestore, VmmError> {
+        Ok(PreparedRestore(crate::snapshot::read_snapshot(dir)?))
+    }
+
+    /// Builds the VM a snapshot describes, puts its state back and runs it from where it
+    /// was. `control` comes from [`VmControl::new`] with the snapshot's vCPUs and memory.
+    pub fn run_restored(
+        prepared: PreparedRestore,
+        options: RestoreOptions,
+        control: Arc<VmControl>,
+    ) -> Result<VmOutcome, VmmError> {
+        let restored = prepared.0;
+        let m = &restored.machine;
+        let mut config = VmConfig::new(crate::config::KernelImage::Bytes {
+            name: format!("snapshot {}", restored.dir.display()),
+            data: &[],
+        });
+        config.cpus = m.vcpus;
+        config.memory = m.memory;
+        config.debug_exit = m.debug_exit;
+        config.boot_timer = m.boot_timer;
+        config.virtio_transport =
+            if m.mmio_transport { VirtioTransport::Mmio } else { VirtioTransport::Pci };
+        config.serial = options.serial;
+        config.serial_max_bytes = options.serial_max_bytes;
+        config.interactive_console = options.interactive_console;
+        config.ready_fd = options.ready_fd;
+        let built = Self::build(&config, Some(&restored))?;
+        Self::run_built(&config, built, &control, Some(restored.vcpus))
+    }
+
+    /// Creates the VM, its memory, devices and boot state, without any vCPU; for a restore,
+    /// with the snapshot's memory and device state instead of a freshly loaded guest.
+    pub(crate) fn build(
+        config: &VmConfig,
+        restored: Option<&Restored>,
+    ) -> Result<BuiltVm, VmmError> {
         let kvm = open_kvm()?;
+        if restored.is_some() {
+            crate::snapshot::check_host(&kvm)?;
+        }
         let max_cpus = kvm.get_max_vcpus().min(254);
         if config.cpus == 0 || usize::from(config.cpus) > max_cpus {
             return Err(VmmError::InvalidCpuCount {
@@ -314,7 +398,14 @@ impl Vm {
         // would dominate boot time.
         // A vhost-user backend maps guest memory itself: it must be shared, with descriptors.
         let shared = config.disks.iter().any(|d| d.vhost_user.is_some());
-        let mem = Arc::new(memory::create_guest_memory(config.memory, config.hugepages, shared)?);
+        let (mem, backing) = match restored {
+            Some(restored) => {
+                let (mem, backing) = crate::snapshot::map_memory(restored)?;
+                (mem, Some(backing))
+            }
+            None => (memory::create_guest_memory(config.memory, config.hugepages, shared)?, None),
+        };
+        let mem = Arc::new(mem);
         memory::register_memory(&vm, &mem)?;
         vm.set_identity_map_address(KVM_IDENTITY_MAP_START)
             .map_err(kvm_call("set identity map address"))?;
@@ -324,10 +415,36 @@ impl Vm {
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         vm.create_pit2(pit).map_err(kvm_call("create PIT"))?;
         let router = Arc::new(crate::irq::GsiRouter::new(vm.clone())?);
+        if let Some(restored) = restored {
+            crate::snapshot::restore_kvm_vm(&vm, &restored.kvm_vm)?;
+        }
+        let virtio_devices = config.disks.len()
+            + config.nets.len()
+            + usize::from(config.rng)
+            + usize::from(config.vsock.is_some())
+            + usize::from(config.balloon.is_some());
 
-        // Kernel, initrd, command line, boot structures.
-        let loaded = kernel::load_kernel(&mem, &config.kernel, config.memory)?;
-        let header = loaded.result.setup_header;
+        // Kernel, initrd, command line, boot structures: in a restored VM's memory already.
+        let transport = config.virtio_transport;
+        let max_devices = match transport {
+            VirtioTransport::Mmio => VIRTIO_MMIO_MAX_DEVICES,
+            // Slot 0 is the host bridge.
+            VirtioTransport::Pci => pci::root::SLOTS - 1,
+        };
+        if virtio_devices > max_devices {
+            return Err(VmmError::TooManyDevices { count: virtio_devices, max: max_devices });
+        }
+        let virtio_info = match transport {
+            VirtioTransport::Mmio => mmio_windows(virtio_devices),
+            VirtioTransport::Pci => Vec::new(),
+        };
+        let boot = match restored {
+            Some(_) => {
+                BootState { regs: Default::default(), mode: arch::boot::EntryMode::Linux64, cr3: 0 }
+            }
+            None => Self::load_guest(config, &mem, &virtio_info)?,
+        };
+
         // virtio devices, in the order the guest numbers them: disks, nets, entropy, vsock,
         // balloon.
         let mut virtio: Vec<Box<dyn virtio_devices::VirtioDevice>> = Vec::new();
@@ -368,95 +485,35 @@ impl Vm {
                     .map_err(|source| VmmError::Device { what: "virtio-balloon", source })?;
             virtio.push(Box::new(device));
         }
-        let transport = config.virtio_transport;
-        let max_devices = match transport {
-            VirtioTransport::Mmio => VIRTIO_MMIO_MAX_DEVICES,
-            // Slot 0 is the host bridge.
-            VirtioTransport::Pci => pci::root::SLOTS - 1,
-        };
-        if virtio.len() > max_devices {
-            return Err(VmmError::TooManyDevices { count: virtio.len(), max: max_devices });
-        }
-        // virtio-mmio: window n at VIRTIO_MMIO_START + n * stride, GSI 16 + n; described in
-        // ACPI and, for kernels that read it, on the command line.
-        let mut virtio_info = Vec::new();
-        let mut cmdline = config.cmdline.clone();
-        let mmio_count = if transport == VirtioTransport::Mmio { virtio.len() } else { 0 };
-        for n in 0..mmio_count {
-            let base = VIRTIO_MMIO_START + VIRTIO_MMIO_STRIDE * n as u64;
-            let gsi = VIRTIO_MMIO_GSI_BASE + u32::try_from(n).unwrap_or(0);
-            let window = virtio_devices::mmio::MMIO_WINDOW;
-            virtio_info.push(arch::acpi::VirtioMmioInfo {
-                base: u32::try_from(base).unwrap_or(0),
-                len: u32::try_from(window).unwrap_or(0),
-                gsi,
-            });
-            cmdline.push_str(&format!(
-                " virtio_mmio.device={}K@{base:#x}:{gsi}",
-                VIRTIO_MMIO_STRIDE >> 10
-            ));
-        }
-        let cmdline_size =
-            kernel::load_cmdline(&mem, cmdline.trim_start(), header.map(|h| h.cmdline_size))?;
-        let initrd = match &config.initrd {
-            Some(path) => Some(kernel::load_initrd(
-                &mem,
-                path,
-                loaded.result.kernel_end,
-                config.memory,
-                header.map(|h| h.initrd_addr_max),
-            )?),
-            None => None,
-        };
-        let rsdp = arch::acpi::create_acpi_tables(&mem, &{
-            let mut acpi = arch::acpi::AcpiConfig::new(config.cpus);
-            acpi.virtio_mmio = virtio_info.clone();
-            acpi.pci = transport == VirtioTransport::Pci;
-            acpi
-        })
-        .map_err(VmmError::Acpi)?;
-        arch::boot::write_boot_gdt(&mem)?;
-        let cr3 = arch::boot::write_identity_page_tables(&mem)?;
-        let boot = if loaded.pvh {
-            let info = arch::boot::write_pvh_start_info(&mem, config.memory, initrd, Some(rsdp))?;
-            let mode = arch::boot::EntryMode::Pvh;
-            BootState { regs: arch::boot::boot_regs(mode, loaded.entry, info.0), mode, cr3 }
-        } else {
-            arch::boot::write_zero_page(
-                &mem,
-                config.memory,
-                header,
-                cmdline_size,
-                initrd,
-                Some(rsdp),
-            )?;
-            let mode = arch::boot::EntryMode::Linux64;
-            BootState {
-                regs: arch::boot::boot_regs(mode, loaded.entry, ZERO_PAGE_START),
-                mode,
-                cr3,
-            }
-        };
-
         // Devices.
         let serial_evt = EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|source| VmmError::Device { what: "serial interrupt", source })?;
         vm.register_irqfd(&serial_evt, COM1_IRQ).map_err(kvm_call("register serial irqfd"))?;
-        let serial = Arc::new(Mutex::new(SerialPort::new(
-            Arc::new(EventFdIrq(serial_evt)),
-            serial_writer(&config.serial, config.serial_max_bytes)?,
-        )));
+        let serial_irq = Arc::new(EventFdIrq(serial_evt));
+        let serial_out = serial_writer(&config.serial, config.serial_max_bytes)?;
+        let serial = Arc::new(Mutex::new(match restored {
+            Some(r) => SerialPort::from_state(serial_irq, serial_out, &r.devices.serial)
+                .map_err(|e| restore_err(format!("the serial port's state: {e}")))?,
+            None => SerialPort::new(serial_irq, serial_out),
+        }));
         let mut pio = Bus::new();
         let bus_err = |what| {
             move |e: devices::BusError| VmmError::Device { what, source: std::io::Error::other(e) }
         };
         pio.insert(serial.clone(), u64::from(COM1_PORT), 8).map_err(bus_err("serial"))?;
-        let i8042 = Arc::new(Mutex::new(I8042::new()));
+        let i8042 = Arc::new(Mutex::new(match restored {
+            Some(r) => I8042::from_state(r.devices.i8042.0, r.devices.i8042.1, r.devices.i8042.2),
+            None => I8042::new(),
+        }));
         // One device over 0x60..=0x64 so it sees the command port at offset 4; KVM serves
         // port 0x61 (the PIT speaker port) in the kernel, so it never reaches this device.
         let i8042_len = u64::from(I8042_COMMAND_PORT - I8042_DATA_PORT) + 1;
-        pio.insert(i8042, u64::from(I8042_DATA_PORT), i8042_len).map_err(bus_err("i8042"))?;
-        let pm = AcpiPm::new(SLP_TYP_S5, Arc::new(LineIrq { vm: vm.clone(), gsi: SCI_IRQ }));
+        pio.insert(i8042.clone(), u64::from(I8042_DATA_PORT), i8042_len)
+            .map_err(bus_err("i8042"))?;
+        let mut pm = AcpiPm::new(SLP_TYP_S5, Arc::new(LineIrq { vm: vm.clone(), gsi: SCI_IRQ }));
+        if let Some(r) = restored {
+            pm.restore(r.devices.acpi_pm);
+        }
         let power = Arc::new(Mutex::new(pm));
         pio.insert(power.clone(), u64::from(PM1A_EVT_PORT), 6).map_err(bus_err("ACPI PM"))?;
         if config.debug_exit {
@@ -485,14 +542,18 @@ impl Vm {
             .map_err(bus_err("boot timer"))?;
         }
         let mut mmio = Bus::new();
+        let mut pci_handles = None;
         if transport == VirtioTransport::Pci {
             let root = Arc::new(build_pci(&vm, &mem, &router, std::mem::take(&mut virtio))?);
-            pio.insert(
-                Arc::new(Mutex::new(pci::root::ConfigIo::new(root.clone()))),
-                u64::from(PCI_CONFIG_PORT),
-                u64::from(PCI_CONFIG_PORT_LEN),
-            )
-            .map_err(bus_err("PCI configuration ports"))?;
+            let config_io = Arc::new(Mutex::new(pci::root::ConfigIo::new(root.clone())));
+            if let Some((address, functions)) = restored.and_then(|r| r.devices.pci.as_ref()) {
+                devices::bus::lock(&config_io).set_address(*address);
+                root.restore_config(functions)
+                    .map_err(|e| restore_err(format!("PCI configuration: {e}")))?;
+            }
+            pci_handles = Some((root.clone(), config_io.clone()));
+            pio.insert(config_io, u64::from(PCI_CONFIG_PORT), u64::from(PCI_CONFIG_PORT_LEN))
+                .map_err(bus_err("PCI configuration ports"))?;
             mmio.insert(
                 Arc::new(Mutex::new(pci::root::ConfigMmio(root.clone()))),
                 PCI_ECAM_START,
@@ -523,6 +584,7 @@ impl Vm {
         let mmio = Arc::new(mmio);
         // Stdin is the console's input when its output goes somewhere (a terminal, or a file
         // with stdin a pipe or the daemon's FIFO).
+        let serial_for_snapshot = serial.clone();
         if config.serial != SerialOutput::None {
             crate::console::spawn_stdin_reader(serial, config.interactive_console)
                 .map_err(|source| VmmError::Thread { name: "serial-in".into(), source })?;
@@ -531,15 +593,126 @@ impl Vm {
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_call("get supported CPUID"))?;
-        Ok(BuiltVm { vm, mem, pio, mmio, boot, cpuid, power })
+        let desc = match restored {
+            Some(r) => r.machine.clone(),
+            None => MachineDesc {
+                vcpus: config.cpus,
+                memory: config.memory,
+                mmio_transport: transport == VirtioTransport::Mmio,
+                debug_exit: config.debug_exit,
+                boot_timer: config.boot_timer,
+                vm_id: crate::snapshot::new_vm_id(),
+                generation: 0,
+                ranges: {
+                    let mut offset = 0;
+                    mem.iter()
+                        .map(|region| {
+                            let r = RamRange {
+                                guest: region.start_addr().raw_value(),
+                                len: region.len(),
+                                file_offset: offset,
+                            };
+                            offset += region.len();
+                            r
+                        })
+                        .collect()
+                },
+                memory_file_len: mem.iter().map(|r| r.len()).sum(),
+            },
+        };
+        let msr_indices = kvm
+            .get_msr_index_list()
+            .map_err(kvm_call("get the MSR index list"))?
+            .as_slice()
+            .to_vec();
+        let machine = Arc::new(Machine {
+            vm: vm.clone(),
+            mem: mem.clone(),
+            msr_indices,
+            serial: serial_for_snapshot,
+            i8042,
+            power,
+            pci: pci_handles,
+            virtio_devices,
+            desc,
+            backing,
+            tracking: Default::default(),
+        });
+        Ok(BuiltVm { vm, mem, pio, mmio, boot, cpuid, machine })
+    }
+
+    /// Loads the kernel, initrd and command line, and writes the ACPI tables and boot
+    /// structures into guest memory; returns the boot vCPU's entry state.
+    fn load_guest(
+        config: &VmConfig,
+        mem: &vm_memory::GuestMemoryMmap,
+        virtio_info: &[arch::acpi::VirtioMmioInfo],
+    ) -> Result<BootState, VmmError> {
+        let loaded = kernel::load_kernel(mem, &config.kernel, config.memory)?;
+        let header = loaded.result.setup_header;
+        let mut cmdline = config.cmdline.clone();
+        for info in virtio_info {
+            // For kernels that read it from the command line as well as from ACPI.
+            cmdline.push_str(&format!(
+                " virtio_mmio.device={}K@{:#x}:{}",
+                VIRTIO_MMIO_STRIDE >> 10,
+                info.base,
+                info.gsi
+            ));
+        }
+        let transport = config.virtio_transport;
+        let cmdline_size =
+            kernel::load_cmdline(mem, cmdline.trim_start(), header.map(|h| h.cmdline_size))?;
+        let initrd = match &config.initrd {
+            Some(path) => Some(kernel::load_initrd(
+                mem,
+                path,
+                loaded.result.kernel_end,
+                config.memory,
+                header.map(|h| h.initrd_addr_max),
+            )?),
+            None => None,
+        };
+        let rsdp = arch::acpi::create_acpi_tables(mem, &{
+            let mut acpi = arch::acpi::AcpiConfig::new(config.cpus);
+            acpi.virtio_mmio = virtio_info.to_vec();
+            acpi.pci = transport == VirtioTransport::Pci;
+            acpi
+        })
+        .map_err(VmmError::Acpi)?;
+        arch::boot::write_boot_gdt(mem)?;
+        let cr3 = arch::boot::write_identity_page_tables(mem)?;
+        Ok(if loaded.pvh {
+            let info = arch::boot::write_pvh_start_info(mem, config.memory, initrd, Some(rsdp))?;
+            let mode = arch::boot::EntryMode::Pvh;
+            BootState { regs: arch::boot::boot_regs(mode, loaded.entry, info.0), mode, cr3 }
+        } else {
+            arch::boot::write_zero_page(
+                mem,
+                config.memory,
+                header,
+                cmdline_size,
+                initrd,
+                Some(rsdp),
+            )?;
+            let mode = arch::boot::EntryMode::Linux64;
+            BootState {
+                regs: arch::boot::boot_regs(mode, loaded.entry, ZERO_PAGE_START),
+                mode,
+                cr3,
+            }
+        })
     }
 
     fn run_built(
         config: &VmConfig,
         built: BuiltVm,
         control: &Arc<VmControl>,
+        saved_vcpus: Option<Vec<crate::snapshot::VcpuState>>,
     ) -> Result<VmOutcome, VmmError> {
-        let BuiltVm { vm, mem, pio, mmio, boot, cpuid, power } = built;
+        let BuiltVm { vm, mem, pio, mmio, boot, cpuid, machine } = built;
+        let power = machine.power.clone();
+        let saved = saved_vcpus.map(Arc::new);
         // vCPUs, each configured and run on its own thread.
         install_kick_handler();
         // Before any vCPU runs: a SIGTERM that arrives once the guest is up must press the
@@ -567,11 +740,28 @@ impl Vm {
             let num_cpus = config.cpus;
             let boot = boot.clone();
             let configured = configured.clone();
+            let saved = saved.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{cpu}"))
                 .spawn(move || {
-                    let boot_state = (cpu == 0).then_some(&*boot);
-                    let result = vcpu::configure(&runner.vcpu, cpu, cpuid, num_cpus, boot_state);
+                    let result = match saved.as_ref().and_then(|s| s.get(usize::from(cpu))) {
+                        Some(state) => {
+                            let mut fresh = cpuid;
+                            arch::cpuid::configure_cpuid(
+                                &mut fresh,
+                                &arch::cpuid::CpuTopology { cpu_index: cpu, num_cpus },
+                            )
+                            .map_err(VmmError::Cpuid)
+                            .and_then(|()| {
+                                crate::snapshot::restore_vcpu(&runner.vcpu, cpu, state, &fresh)
+                                    .map_err(VmmError::from)
+                            })
+                        }
+                        None => {
+                            let boot_state = (cpu == 0).then_some(&*boot);
+                            vcpu::configure(&runner.vcpu, cpu, cpuid, num_cpus, boot_state)
+                        }
+                    };
                     // No vCPU runs before all are configured: a guest's INIT/SIPI must not
                     // reach a vCPU whose LAPIC is about to be overwritten.
                     configured.wait();
@@ -586,7 +776,7 @@ impl Vm {
             threads.push(handle);
         }
         drop(tx);
-        control.running(threads.iter().map(|t| t.as_pthread_t()).collect(), power.clone());
+        control.running(threads.iter().map(|t| t.as_pthread_t()).collect(), machine);
         if let Some(fd) = config.ready_fd {
             signal_ready(fd);
         }

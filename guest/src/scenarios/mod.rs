@@ -7,6 +7,7 @@ use crate::{io, println};
 
 mod balloon;
 mod devices;
+mod dirty;
 mod disk;
 mod echo;
 mod exit;
@@ -31,6 +32,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("hello", hello::run),
     ("smp", smp::run),
     ("mem", mem::run),
+    ("dirty", dirty::run),
     ("disk", disk::run),
     ("diskwrite", disk::run_write),
     ("diskbench", disk::run_bench),

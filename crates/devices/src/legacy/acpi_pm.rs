@@ -38,6 +38,19 @@ impl AcpiPm {
         self.update_sci();
     }
 
+    /// PM1 status, enable and control, for a snapshot.
+    pub fn state(&self) -> [u16; 3] {
+        [self.status, self.enable, self.control]
+    }
+
+    /// Takes saved registers (a restored VM's) and sets the SCI line to match them.
+    pub fn restore(&mut self, [status, enable, control]: [u16; 3]) {
+        self.status = status;
+        self.enable = enable;
+        self.control = control;
+        self.update_sci();
+    }
+
     fn update_sci(&self) {
         let level = self.status & self.enable != 0;
         // The guest has no use for an error here; a lost SCI shows up as an ignored button.

@@ -28,6 +28,17 @@ impl I8042 {
         Self::default()
     }
 
+    /// The controller's state for a snapshot: (control byte, byte waiting on the data port,
+    /// command waiting for its data byte).
+    pub fn state(&self) -> (u8, Option<u8>, Option<u8>) {
+        (self.control, self.output, self.pending_command)
+    }
+
+    /// A controller in a saved state.
+    pub fn from_state(control: u8, output: Option<u8>, pending_command: Option<u8>) -> Self {
+        Self { control, output, pending_command }
+    }
+
     fn status(&self) -> u8 {
         let mut status = STATUS_SYSTEM_FLAG;
         if self.output.is_some() {

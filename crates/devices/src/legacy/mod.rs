@@ -7,5 +7,5 @@ pub mod test_devices;
 
 pub use acpi_pm::AcpiPm;
 pub use i8042::I8042;
-pub use serial::SerialPort;
+pub use serial::{SerialPort, SerialState};
 pub use test_devices::{BootTimer, DebugExit};

@@ -4,6 +4,7 @@
 use crate::{BusDevice, SharedIrq, VmAction};
 use std::io::Write;
 use vm_superio::serial::NoEvents;
+pub use vm_superio::serial::SerialState;
 use vm_superio::{Serial, Trigger};
 
 /// Adapts the crate's interrupt line to vm-superio's trigger.
@@ -40,6 +41,22 @@ impl SerialPort {
     /// Free space in the receive FIFO.
     pub fn input_room(&self) -> usize {
         self.uart.fifo_capacity()
+    }
+
+    /// The registers and the receive FIFO, for a snapshot.
+    pub fn state(&self) -> SerialState {
+        self.uart.state()
+    }
+
+    /// A UART in a saved state (a restored VM's), raising `irq` and writing to `out`.
+    pub fn from_state(
+        irq: SharedIrq,
+        out: Box<dyn Write + Send>,
+        state: &SerialState,
+    ) -> Result<Self, String> {
+        Serial::from_state(state, IrqTrigger(irq), NoEvents, out)
+            .map(|uart| Self { uart })
+            .map_err(|e| format!("{e:?}"))
     }
 }
 
@@ -111,6 +128,30 @@ mod tests {
         assert_eq!(c[0], b'k');
         port.read(5, &mut lsr);
         assert_eq!(lsr[0] & 1, 0);
+    }
+
+    #[test]
+    fn state_carries_registers_and_pending_input() {
+        let mut port = SerialPort::new(Arc::new(CountingIrq::default()), Box::new(std::io::sink()));
+        port.write(3, &[0x03]); // 8N1
+        port.write(7, &[0x5a]); // scratch
+        port.enqueue_input(b"xy");
+        let state = port.state();
+        let mut copy = SerialPort::from_state(
+            Arc::new(CountingIrq::default()),
+            Box::new(std::io::sink()),
+            &state,
+        )
+        .unwrap();
+        let mut b = [0u8];
+        copy.read(7, &mut b);
+        assert_eq!(b[0], 0x5a);
+        copy.read(3, &mut b);
+        assert_eq!(b[0], 0x03);
+        copy.read(0, &mut b);
+        assert_eq!(b[0], b'x');
+        copy.read(0, &mut b);
+        assert_eq!(b[0], b'y');
     }
 
     #[test]
