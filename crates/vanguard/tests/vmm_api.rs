@@ -8,22 +8,11 @@ mod common;
 
 use common::linux_qemu::tool_available;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 /// `curl` on the Unix socket: (HTTP status, body).
 fn curl(socket: &Path, method: &str, path: &str) -> (u16, String) {
-    let out = Command::new("curl")
-        .args(["-s", "-S", "--max-time", "10", "-X", method, "-w", "\n%{http_code}"])
-        .arg("--unix-socket")
-        .arg(socket)
-        .arg(format!("http://vmm{path}"))
-        .output()
-        .expect("curl runs");
-    assert!(out.status.success(), "curl {method} {path}: {}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = text.rsplit_once('\n').expect("curl printed the status");
-    (code.parse().expect("a status code"), body.to_string())
+    common::curl_unix(socket, method, path, None)
 }
 
 fn json(body: &str) -> serde_json::Value {

@@ -5,7 +5,8 @@
 //!
 //! Step `s` (from 1) writes page `(s - 1) mod N` of the region: word 0 is `s`, word `i` is
 //! `word(page, s, i)`. So page `p` must hold the most recent step `s <= S` (S the last step)
-//! with `(s - 1) mod N = p`, or zeros if no step reached it yet.
+//! with `(s - 1) mod N = p`. The first pass (steps 1 to N) runs at full speed before the
+//! scenario reports anything, so every page holds data; later steps keep to the rate.
 //!
 //! Serial input while it runs: `v` verifies every page now, `q` ends the scenario.
 
@@ -66,6 +67,9 @@ pub fn run(info: &BootInfo, arg: Option<&str>) -> bool {
     let hz = tsc_hz();
     // TSC cycles per page at the asked rate (0: as fast as it can).
     let per_page = if rate == 0 { 0 } else { hz / (rate * 256).max(1) };
+    for step in 1..=pages {
+        write_step(start, pages, step);
+    }
     println!(
         "dirty: writing {} pages ({} MiB) at {:#x}, {} MiB/s{}, tsc {} MHz",
         pages,
@@ -76,21 +80,13 @@ pub fn run(info: &BootInfo, arg: Option<&str>) -> bool {
         hz / 1_000_000
     );
     let report_every = hz / 4;
-    let mut step: u64 = 0;
+    let mut step: u64 = pages;
     let t0 = io::rdtsc();
     let mut last_report = t0;
-    let mut paced_from = (t0, 0u64);
+    let mut paced_from = (t0, step);
     loop {
         step += 1;
-        let page = (step - 1) % pages;
-        let base = start + page * PAGE;
-        // SAFETY: the region is usable RAM past everything this program uses, identity-mapped.
-        unsafe {
-            core::ptr::write_volatile(base as *mut u64, step);
-            for i in 1..WORDS {
-                core::ptr::write_volatile((base + i * 8) as *mut u64, word(page, step, i));
-            }
-        }
+        write_step(start, pages, step);
         if per_page != 0 {
             let due = paced_from.0 + (step - paced_from.1) * per_page;
             while io::rdtsc() < due {
@@ -122,12 +118,26 @@ pub fn run(info: &BootInfo, arg: Option<&str>) -> bool {
     }
 }
 
-/// Checks every page against the steps up to `last`; prints the result.
+/// Writes step `step`'s page.
+fn write_step(start: u64, pages: u64, step: u64) {
+    let page = (step - 1) % pages;
+    let base = start + page * PAGE;
+    // SAFETY: the region is usable RAM past everything this program uses, identity-mapped.
+    unsafe {
+        core::ptr::write_volatile(base as *mut u64, step);
+        for i in 1..WORDS {
+            core::ptr::write_volatile((base + i * 8) as *mut u64, word(page, step, i));
+        }
+    }
+}
+
+/// Checks every page against the steps up to `last` (at least one whole pass); prints the
+/// result.
 fn verify(start: u64, pages: u64, last: u64) -> bool {
     for page in 0..pages {
         let base = start + page * PAGE;
-        // The most recent step that wrote this page, if any.
-        let expected = if last > page { last - (last - 1 - page) % pages } else { 0 };
+        // The most recent step that wrote this page.
+        let expected = last - (last - 1 - page) % pages;
         // SAFETY: as in `run`.
         let got = unsafe { core::ptr::read_volatile(base as *const u64) };
         if got != expected {
@@ -137,7 +147,7 @@ fn verify(start: u64, pages: u64, last: u64) -> bool {
             return false;
         }
         for i in 1..WORDS {
-            let want = if expected == 0 { 0 } else { word(page, expected, i) };
+            let want = word(page, expected, i);
             // SAFETY: as in `run`.
             let got = unsafe { core::ptr::read_volatile((base + i * 8) as *const u64) };
             if got != want {

@@ -269,6 +269,11 @@ impl Running {
         assert_eq!(rc, 0, "kill({pid}, {signal}): {}", std::io::Error::last_os_error());
     }
 
+    /// What the process has printed on stdout so far.
+    pub fn stdout_so_far(&self) -> String {
+        text(&self.stdout)
+    }
+
     /// Closes the process's stdin (EOF).
     pub fn close_stdin(&mut self) {
         self.stdin = None;
@@ -534,4 +539,23 @@ pub fn assert_diskwrite_pattern(path: &Path, original: &[u8], len: usize) {
         assert_eq!(*b, (o ^ (o >> 9) ^ 0xa5).to_le_bytes()[0], "byte {o} of the written disk");
     }
     assert!(written[len..] == original[len..], "bytes past the write changed");
+}
+
+/// `curl` on a Unix socket, with an optional JSON body: (HTTP status, body).
+pub fn curl_unix(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-s", "-S", "--max-time", "60", "-X", method, "-w", "\n%{http_code}"]);
+    if let Some(body) = body {
+        cmd.args(["-H", "Content-Type: application/json", "--data-binary", body]);
+    }
+    let out = cmd
+        .arg("--unix-socket")
+        .arg(socket)
+        .arg(format!("http://vmm{path}"))
+        .output()
+        .expect("curl runs");
+    assert!(out.status.success(), "curl {method} {path}: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').expect("curl printed the status");
+    (code.parse().expect("a status code"), body.to_string())
 }
