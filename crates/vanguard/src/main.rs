@@ -198,6 +198,14 @@ struct RunArgs {
         "rng", "virtio_transport", "disk", "net", "balloon", "vsock",
     ])]
     restore: Option<PathBuf>,
+    /// Receive a VM by live migration: listen on tcp:HOST:PORT or unix:PATH for one source
+    /// VMM (PUT /v1/vm/migrate on its per-VM API), then run the VM once the source lets go.
+    /// The machine comes from the source, so the options that describe one are refused.
+    #[arg(long, value_name = "ADDRESS", conflicts_with_all = [
+        "kernel", "initrd", "cmdline", "cpus", "memory", "hugepages", "debug_exit", "boot_timer",
+        "rng", "virtio_transport", "disk", "net", "balloon", "vsock", "restore",
+    ])]
+    migrate_from: Option<vmm::MigrationAddress>,
 }
 
 fn parse_vsock(s: &str) -> Result<vmm::VsockConfig, String> {
@@ -393,6 +401,25 @@ fn parse_serial(s: &str) -> Result<SerialOutput, String> {
 }
 
 fn run(args: RunArgs, start: Instant) -> Result<VmOutcome, vmm::VmmError> {
+    if let Some(from) = &args.migrate_from {
+        let options = vmm::RestoreOptions {
+            serial: args.serial.clone(),
+            serial_max_bytes: args.serial_max,
+            interactive_console: false,
+            ready_fd: args.ready_fd,
+        };
+        let mut api = None;
+        let api_socket = args.api_socket.clone();
+        let result = Vm::run_incoming(from, options, |vcpus, memory| {
+            let control = vmm::VmControl::new(vcpus, memory);
+            if let Some(path) = &api_socket {
+                api = Some(vmm_api::start(path, control.clone())?);
+            }
+            Ok(control)
+        });
+        drop(api);
+        return result;
+    }
     if let Some(dir) = &args.restore {
         let prepared = Vm::prepare_restore(dir)?;
         let _raw = if args.serial == SerialOutput::Stdio {
@@ -520,6 +547,10 @@ fn main() -> ExitCode {
             Ok(VmOutcome::DebugExit(code)) => ExitCode::from(code),
             Ok(VmOutcome::ConsoleQuit) => {
                 eprintln!("\r\nvanguard: VM stopped from the console (Ctrl-A x)");
+                ExitCode::SUCCESS
+            }
+            Ok(VmOutcome::Migrated) => {
+                eprintln!("vanguard: the VM moved to another VMM (live migration) and runs there");
                 ExitCode::SUCCESS
             }
             Err(e) => {

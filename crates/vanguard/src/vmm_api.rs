@@ -6,7 +6,7 @@
 //! readable and writable by the owner only (mode 0600), and removed when the VMM ends. A socket
 //! left by a VMM that was killed is replaced; one that still answers is refused.
 
-use api::vmm::{SnapshotInfo, SnapshotRequest, VmmInfo, VmmState};
+use api::vmm::{MigrateRequest, MigrationInfo, SnapshotInfo, SnapshotRequest, VmmInfo, VmmState};
 use api::ApiError;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
@@ -15,15 +15,22 @@ use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use vmm::{RunState, VmControl, VmmError};
 
-/// The socket, removed when dropped.
-pub struct ApiSocket(PathBuf);
+/// The socket, removed when dropped; dropping also waits (up to a second) for open
+/// connections to finish, so that an answer given as the VM ends (a migration's) reaches its
+/// client before the process exits.
+pub struct ApiSocket(PathBuf, Arc<AtomicUsize>);
 
 impl Drop for ApiSocket {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while self.1.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 }
 
@@ -37,7 +44,8 @@ pub fn start(path: &Path, control: Arc<VmControl>) -> Result<ApiSocket, VmmError
         std::fs::remove_file(path).map_err(|e| fail(format!("cannot remove the old one: {e}")))?;
     }
     let listener = UnixListener::bind(path).map_err(|e| fail(e.to_string()))?;
-    let socket = ApiSocket(path.to_path_buf());
+    let open = Arc::new(AtomicUsize::new(0));
+    let socket = ApiSocket(path.to_path_buf(), open.clone());
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| fail(format!("cannot make it private: {e}")))?;
     listener.set_nonblocking(true).map_err(|e| fail(e.to_string()))?;
@@ -47,20 +55,23 @@ pub fn start(path: &Path, control: Arc<VmControl>) -> Result<ApiSocket, VmmError
         .map_err(|e| fail(format!("cannot start its runtime: {e}")))?;
     std::thread::Builder::new()
         .name("vmm-api".into())
-        .spawn(move || runtime.block_on(serve(listener, control)))
+        .spawn(move || runtime.block_on(serve(listener, control, open)))
         .map_err(|e| fail(format!("cannot start its thread: {e}")))?;
     Ok(socket)
 }
 
-async fn serve(listener: UnixListener, control: Arc<VmControl>) {
+async fn serve(listener: UnixListener, control: Arc<VmControl>, open: Arc<AtomicUsize>) {
     let Ok(listener) = tokio::net::UnixListener::from_std(listener) else { return };
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
         let control = control.clone();
+        let open = open.clone();
+        open.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| handle(req, control.clone()));
             let io = hyper_util::rt::TokioIo::new(stream);
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            open.fetch_sub(1, Ordering::AcqRel);
         });
     }
 }
@@ -201,6 +212,61 @@ async fn snapshot(body: &[u8], control: Arc<VmControl>) -> Answer {
     }
 }
 
+fn progress_info(p: &vmm::MigrationProgress) -> MigrationInfo {
+    MigrationInfo {
+        phase: if p.phase.is_empty() { "none".into() } else { p.phase.clone() },
+        passes: p.passes,
+        bytes_sent: p.bytes_sent,
+        dirty_bytes: p.dirty_bytes,
+        dirty_rate_bytes_per_s: p.dirty_rate,
+        link_rate_bytes_per_s: p.link_rate,
+        expected_downtime_us: u64::try_from(p.expected_downtime.as_micros()).unwrap_or(u64::MAX),
+        throttle_percent: p.throttle_percent,
+        error: p.error.clone(),
+        total_us: None,
+        downtime_us: None,
+        state_bytes: None,
+    }
+}
+
+/// `PUT /v1/vm/migrate`: runs the whole migration off the runtime's thread and answers when
+/// it is over (meanwhile `GET /v1/vm/migration` shows progress).
+async fn migrate(body: &[u8], control: Arc<VmControl>) -> Answer {
+    let request: MigrateRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid migrate request: {e}")),
+    };
+    let destination = match request.destination.parse::<vmm::MigrationAddress>() {
+        Ok(d) => d,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let options = vmm::MigrateOptions {
+        destination,
+        max_downtime: std::time::Duration::from_millis(request.max_downtime_ms.unwrap_or(300)),
+        bandwidth: request.bandwidth_mib_s.filter(|b| *b > 0).map(|b| b << 20),
+        auto_converge: request.auto_converge.unwrap_or(true),
+    };
+    let worker = control.clone();
+    let result = tokio::task::spawn_blocking(move || worker.migrate(&options)).await;
+    match result {
+        Ok(Ok(report)) => {
+            let mut info = progress_info(&control.migration_progress());
+            info.total_us = Some(u64::try_from(report.total.as_micros()).unwrap_or(u64::MAX));
+            info.downtime_us = Some(u64::try_from(report.downtime.as_micros()).unwrap_or(u64::MAX));
+            info.state_bytes = Some(report.state_bytes);
+            info.bytes_sent = report.bytes_sent;
+            info.passes = report.passes;
+            json(StatusCode::OK, &info)
+        }
+        Ok(Err(vmm::SnapshotFailure::Control(e))) => error(StatusCode::CONFLICT, e.to_string()),
+        Ok(Err(e @ vmm::SnapshotFailure::Unsupported(_))) => {
+            error(StatusCode::CONFLICT, e.to_string())
+        }
+        Ok(Err(e)) => error(StatusCode::BAD_GATEWAY, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
 async fn handle(req: Request<Incoming>, control: Arc<VmControl>) -> Result<Answer, Infallible> {
     let (parts, body) = req.into_parts();
     // Read whole (bounded: the only body is a small JSON object); reading it also keeps the
@@ -210,6 +276,25 @@ async fn handle(req: Request<Incoming>, control: Arc<VmControl>) -> Result<Answe
         Err(e) => return Ok(error(StatusCode::BAD_REQUEST, format!("request body: {e}"))),
     };
     let path = parts.uri.path();
+    match (path, &parts.method) {
+        ("/v1/vm/migrate", &Method::PUT) => return Ok(migrate(&body, control).await),
+        ("/v1/vm/migration", &Method::GET) => {
+            return Ok(json(StatusCode::OK, &progress_info(&control.migration_progress())))
+        }
+        ("/v1/vm/migration/cancel", &Method::PUT) => {
+            return Ok(match control.cancel_migration() {
+                Ok(()) => json(StatusCode::ACCEPTED, &progress_info(&control.migration_progress())),
+                Err(e) => error(StatusCode::CONFLICT, e.to_string()),
+            })
+        }
+        ("/v1/vm/migrate" | "/v1/vm/migration/cancel", _) => {
+            return Ok(error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} takes PUT")))
+        }
+        ("/v1/vm/migration", _) => {
+            return Ok(error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} takes GET")))
+        }
+        _ => {}
+    }
     if path == "/v1/vm/snapshot" {
         return Ok(if parts.method == Method::PUT {
             snapshot(&body, control).await

@@ -8,8 +8,12 @@
 //! running (a virtio worker may still complete a request the guest made before the pause).
 //! Resume clears the flag and wakes them.
 
+use crate::migration::{
+    self, MigrateOptions, MigrationProgress, MigrationReport, MigrationStatus, Sender,
+};
 use crate::snapshot::{Machine, SnapshotFailure, SnapshotReport, VcpuState};
 use devices::legacy::AcpiPm;
+use std::io::{BufReader, BufWriter, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -103,6 +107,7 @@ enum Capture {
 pub struct VmControl {
     inner: Mutex<Inner>,
     snapshotting: Mutex<()>,
+    migration: MigrationStatus,
     parked_changed: Condvar,
     pause_requested: AtomicBool,
     stop: Arc<AtomicBool>,
@@ -131,6 +136,7 @@ impl VmControl {
                 capture: Vec::new(),
             }),
             snapshotting: Mutex::new(()),
+            migration: MigrationStatus::default(),
             parked_changed: Condvar::new(),
             pause_requested: AtomicBool::new(false),
             stop: Arc::new(AtomicBool::new(false)),
@@ -345,6 +351,241 @@ impl VmControl {
         Ok(())
     }
 
+    /// Whether the VM moved to another VMM (this one then ends).
+    pub(crate) fn moved(&self) -> bool {
+        self.migration.moved.load(Ordering::Acquire)
+    }
+
+    /// The current (or last) migration's progress.
+    pub fn migration_progress(&self) -> MigrationProgress {
+        lock(&self.migration.progress).clone()
+    }
+
+    /// Asks a migration in progress to stop (the guest goes on here).
+    pub fn cancel_migration(&self) -> Result<(), ControlError> {
+        let phase = lock(&self.migration.progress).phase.clone();
+        if phase != "connecting" && phase != "precopy" {
+            return Err(ControlError::WrongState("not migrating", "nothing to cancel"));
+        }
+        self.migration.cancel.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn set_progress(&self, f: impl FnOnce(&mut MigrationProgress)) {
+        f(&mut lock(&self.migration.progress));
+    }
+
+    /// Moves the running VM to the VMM listening at `options.destination` (`vanguard vmm
+    /// --migrate-from`): pre-copy while the guest runs, then a stop-and-copy. On success this
+    /// VMM ends (its VM runs there); on any failure the guest runs on here.
+    pub fn migrate(&self, options: &MigrateOptions) -> Result<MigrationReport, SnapshotFailure> {
+        let started = Instant::now();
+        let Some(machine) = lock(&self.inner).machine.clone() else {
+            return Err(ControlError::WrongState("starting", "try again").into());
+        };
+        let _one = lock(&self.snapshotting);
+        let was_running = match lock(&self.inner).state {
+            RunState::Running => true,
+            RunState::Paused => false,
+            RunState::Starting => {
+                return Err(ControlError::WrongState("starting", "try again").into())
+            }
+            RunState::Stopping => {
+                return Err(ControlError::WrongState("stopping", "too late").into())
+            }
+        };
+        machine.check_supported()?;
+        self.migration.cancel.store(false, Ordering::Release);
+        self.set_progress(|p| {
+            *p = MigrationProgress { phase: "connecting".into(), ..Default::default() }
+        });
+        let throttle_stop = AtomicBool::new(false);
+        let result = std::thread::scope(|scope| {
+            if options.auto_converge && was_running {
+                scope.spawn(|| self.throttle_loop(&throttle_stop));
+            }
+            let r = self.migrate_inner(&machine, options, started, was_running, &throttle_stop);
+            throttle_stop.store(true, Ordering::Release);
+            r
+        });
+        match &result {
+            Ok(_) => {
+                self.set_progress(|p| p.phase = "completed".into());
+                self.migration.moved.store(true, Ordering::Release);
+            }
+            Err(e) => {
+                if was_running {
+                    // The guest goes on here; a VM that stopped meanwhile stays stopped.
+                    let _ = self.resume();
+                }
+                let cancelled = self.migration.cancel.load(Ordering::Acquire);
+                self.set_progress(|p| {
+                    p.phase = if cancelled { "cancelled" } else { "failed" }.into();
+                    p.throttle_percent = 0;
+                    p.error = Some(e.to_string());
+                });
+            }
+        }
+        result
+    }
+
+    /// Auto-converge: holds the vCPUs for `throttle`% of every 10 ms until told to stop.
+    fn throttle_loop(&self, stop: &AtomicBool) {
+        while !stop.load(Ordering::Acquire) {
+            let pct = self.migration.throttle.load(Ordering::Acquire).min(99);
+            if pct == 0 {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            if self.pause().is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_micros(pct * 100));
+            if stop.load(Ordering::Acquire) {
+                // Leave it paused: the stop-and-copy pauses it anyway, or the failure path
+                // resumes it.
+                return;
+            }
+            let _ = self.resume();
+            std::thread::sleep(Duration::from_micros((100 - pct) * 100));
+        }
+    }
+
+    fn migrate_inner(
+        &self,
+        machine: &Machine,
+        options: &MigrateOptions,
+        started: Instant,
+        was_running: bool,
+        throttle_stop: &AtomicBool,
+    ) -> Result<MigrationReport, SnapshotFailure> {
+        let link = options.destination.connect()?;
+        let mut input =
+            BufReader::new(link.try_clone_link().map_err(|e| {
+                SnapshotFailure::Migration(format!("duplicate the connection: {e}"))
+            })?);
+        let mut out = BufWriter::with_capacity(1 << 20, link);
+        let flush = |out: &mut BufWriter<_>| {
+            out.flush().map_err(|e| SnapshotFailure::Migration(format!("send: {e}")))
+        };
+        migration::send(&mut out, migration::KIND_HELLO, &[&migration::hello(&machine.desc)])?;
+        flush(&mut out)?;
+        match migration::receive(&mut input)? {
+            (migration::KIND_ACCEPT, _) => {}
+            (migration::KIND_REFUSE, why) => {
+                return Err(SnapshotFailure::Migration(format!(
+                    "the destination refused: {}",
+                    String::from_utf8_lossy(&why)
+                )))
+            }
+            (kind, _) => {
+                return Err(SnapshotFailure::Migration(format!(
+                    "the destination answered the hello with message {kind:#04x}"
+                )))
+            }
+        }
+        machine.restart_dirty_log()?;
+        let mut sender = Sender {
+            mem: &machine.mem,
+            ranges: &machine.desc.ranges,
+            out: &mut out,
+            bandwidth: options.bandwidth,
+            started: Instant::now(),
+            sent: 0,
+            cancel: &self.migration.cancel,
+        };
+        self.set_progress(|p| p.phase = "precopy".into());
+        // Pass 0: everything that is not zero.
+        let mut pass_start = Instant::now();
+        let mut pass_bytes = 0;
+        for index in 0..machine.desc.ranges.len() {
+            pass_bytes += sender.range(index, true, |_| true)?;
+        }
+        let mut passes = 1;
+        let mut throttle = 0u64;
+        let mut pending = loop {
+            let bitmaps = machine.dirty_bitmaps()?;
+            let elapsed_us = pass_start.elapsed().as_micros().max(1);
+            let per_second = |bytes: u64| {
+                u64::try_from(u128::from(bytes) * 1_000_000 / elapsed_us).unwrap_or(u64::MAX)
+            };
+            let dirty_pages: u64 =
+                bitmaps.iter().flatten().map(|w| u64::from(w.count_ones())).sum();
+            let dirty = dirty_pages * 4096;
+            let link_rate = per_second(pass_bytes).max(1);
+            let dirty_rate = per_second(dirty);
+            let expected = Duration::from_secs_f64(dirty as f64 / link_rate as f64);
+            let sent = sender.sent;
+            self.set_progress(|p| {
+                p.passes = passes;
+                p.bytes_sent = sent;
+                p.dirty_bytes = dirty;
+                p.dirty_rate = dirty_rate;
+                p.link_rate = link_rate;
+                p.expected_downtime = expected;
+                p.throttle_percent = u32::try_from(throttle).unwrap_or(99);
+            });
+            if expected <= options.max_downtime || passes >= migration::MAX_PASSES || !was_running {
+                break bitmaps;
+            }
+            // Not converging: the guest dirties more than half what the link sends.
+            if options.auto_converge && passes >= 2 && dirty_rate * 2 > link_rate {
+                throttle = (throttle + 20).min(99);
+                self.migration.throttle.store(throttle, Ordering::Release);
+            }
+            pass_start = Instant::now();
+            pass_bytes = 0;
+            for (index, bitmap) in bitmaps.iter().enumerate() {
+                pass_bytes += sender.range(index, false, |page| bit(bitmap, page))?;
+            }
+            passes += 1;
+        };
+        // Stop-and-copy.
+        throttle_stop.store(true, Ordering::Release);
+        self.migration.throttle.store(0, Ordering::Release);
+        self.set_progress(|p| p.phase = "stop-and-copy".into());
+        let stopped = Instant::now();
+        if was_running {
+            self.pause()?;
+        }
+        for (all, last) in pending.iter_mut().zip(machine.dirty_bitmaps()?) {
+            for (a, l) in all.iter_mut().zip(last) {
+                *a |= l;
+            }
+        }
+        for (index, bitmap) in pending.iter().enumerate() {
+            sender.range(index, false, |page| bit(bitmap, page))?;
+        }
+        let bytes_sent = sender.sent;
+        let vcpus = self.capture_vcpus()?;
+        let state = machine.state_bytes(&vcpus)?;
+        migration::send(&mut out, migration::KIND_STATE, &[&state])?;
+        flush(&mut out)?;
+        match migration::receive(&mut input)? {
+            (migration::KIND_READY, _) => {}
+            (migration::KIND_ERROR, why) => {
+                return Err(SnapshotFailure::Migration(format!(
+                    "the destination could not start the VM: {}",
+                    String::from_utf8_lossy(&why)
+                )))
+            }
+            (kind, _) => {
+                return Err(SnapshotFailure::Migration(format!(
+                    "the destination sent message {kind:#04x} instead of ready"
+                )))
+            }
+        }
+        migration::send(&mut out, migration::KIND_GO, &[])?;
+        flush(&mut out)?;
+        Ok(MigrationReport {
+            total: started.elapsed(),
+            downtime: stopped.elapsed(),
+            bytes_sent,
+            state_bytes: state.len() as u64,
+            passes,
+        })
+    }
+
     /// Presses the ACPI power button (the guest decides what to do).
     pub fn power_button(&self) -> Result<(), ControlError> {
         let inner = lock(&self.inner);
@@ -386,4 +627,8 @@ impl VmControl {
                 .collect(),
         }
     }
+}
+
+fn bit(bitmap: &[u64], page: usize) -> bool {
+    bitmap.get(page / 64).is_some_and(|w| w & (1 << (page % 64)) != 0)
 }

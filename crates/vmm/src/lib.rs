@@ -12,6 +12,7 @@ mod error;
 mod irq;
 mod kernel;
 mod memory;
+mod migration;
 mod regs;
 mod snapshot;
 mod vcpu;
@@ -23,6 +24,7 @@ pub use config::{
 };
 pub use control::{ControlError, ControlInfo, RunState, VmControl};
 pub use error::{GuestFailure, VmmError};
+pub use migration::{MigrateOptions, MigrationAddress, MigrationProgress, MigrationReport};
 pub use snapshot::{SnapshotFailure, SnapshotReport, MEMORY_FILE, STATE_FILE};
 pub use vm::{PreparedRestore, RestoreOptions, Vm, VmOutcome};
 

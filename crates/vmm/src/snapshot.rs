@@ -88,6 +88,9 @@ pub enum SnapshotFailure {
     /// The VM's state does not allow it.
     #[error("{0}")]
     Control(#[from] ControlError),
+    /// A live migration failed (the source resumed, the destination discarded the VM).
+    #[error("migration failed: {0}")]
+    Migration(String),
 }
 
 fn kvm(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> SnapshotFailure {
@@ -348,7 +351,7 @@ pub(crate) struct MachineDesc {
     pub memory_file_len: u64,
 }
 
-fn encode_machine(m: &MachineDesc) -> Encoder {
+pub(crate) fn encode_machine(m: &MachineDesc) -> Encoder {
     let mut e = Encoder::new();
     e.u32(u32::from(m.vcpus)).u64(m.memory);
     e.u8(u8::from(m.mmio_transport)).u8(u8::from(m.debug_exit)).u8(u8::from(m.boot_timer));
@@ -363,7 +366,7 @@ fn encode_machine(m: &MachineDesc) -> Encoder {
     e
 }
 
-fn decode_machine(section: &Section<'_>) -> Result<MachineDesc, SnapshotError> {
+pub(crate) fn decode_machine(section: &Section<'_>) -> Result<MachineDesc, SnapshotError> {
     let mut d = section.decoder();
     let vcpus = d.u32("vCPU count")?;
     let vcpus = u8::try_from(vcpus)
@@ -459,7 +462,10 @@ fn decode_opt_u8(d: &mut Decoder<'_>, what: &str) -> Result<Option<u8>, Snapshot
 
 /// Everything a restore needs, read from a snapshot directory.
 pub(crate) struct Restored {
+    /// Where it came from (for messages and the memory file).
     pub dir: PathBuf,
+    /// Guest memory already filled (a migration's); otherwise the memory file is mapped.
+    pub memory: Option<GuestMemoryMmap>,
     pub machine: MachineDesc,
     pub vcpus: Vec<VcpuState>,
     pub kvm_vm: KvmVmState,
@@ -480,8 +486,17 @@ pub(crate) fn read_snapshot(dir: &Path) -> Result<Restored, SnapshotFailure> {
             SnapshotFailure::Io { what: "read the snapshot state file", path: path.clone(), source }
         }
     })?;
-    let format = |source| SnapshotFailure::Format { path: path.clone(), source };
-    let snap = snapshot::Snapshot::parse(&bytes).map_err(format)?;
+    parse_state(&bytes, &path, dir)
+}
+
+/// Checks and decodes a state file's bytes (`path` names them in errors).
+pub(crate) fn parse_state(
+    bytes: &[u8],
+    path: &Path,
+    dir: &Path,
+) -> Result<Restored, SnapshotFailure> {
+    let format = |source| SnapshotFailure::Format { path: path.to_path_buf(), source };
+    let snap = snapshot::Snapshot::parse(bytes).map_err(format)?;
     snap.check_known(KNOWN).map_err(format)?;
     let machine = decode_machine(snap.one(MACHINE).map_err(format)?).map_err(format)?;
     let mut vcpus: Vec<Option<VcpuState>> = (0..machine.vcpus).map(|_| None).collect();
@@ -577,7 +592,7 @@ pub(crate) fn read_snapshot(dir: &Path) -> Result<Restored, SnapshotFailure> {
         }
         DeviceStates { serial, i8042, acpi_pm, pci }
     };
-    Ok(Restored { dir: dir.to_path_buf(), machine, vcpus, kvm_vm, devices })
+    Ok(Restored { dir: dir.to_path_buf(), memory: None, machine, vcpus, kvm_vm, devices })
 }
 
 /// Checks, before anything is built, that the XSAVE area fits what Vanguard restores.
@@ -739,6 +754,40 @@ impl Machine {
         Some(unsafe { std::slice::from_raw_parts(host, len) })
     }
 
+    /// Turns dirty-page logging on (once) and clears the log: what the guest writes from now
+    /// on shows in [`Machine::dirty_bitmaps`]. An incremental snapshot can no longer build on
+    /// the last one (its log is gone).
+    pub(crate) fn restart_dirty_log(&self) -> Result<(), SnapshotFailure> {
+        let mut tracking = lock(&self.tracking);
+        if !tracking.logging {
+            self.set_dirty_logging()?;
+            tracking.logging = true;
+        }
+        tracking.last = None;
+        self.dirty_bitmaps()?;
+        Ok(())
+    }
+
+    /// A state file of the paused VM (its vCPUs' state already captured).
+    pub(crate) fn state_bytes(&self, vcpus: &[VcpuState]) -> Result<Vec<u8>, SnapshotFailure> {
+        let kvm_vm = capture_kvm_vm(&self.vm)?;
+        let devices = self.devices();
+        self.state_file(self.desc.generation, vcpus, &kvm_vm, &devices).map_err(|source| {
+            SnapshotFailure::Format { path: PathBuf::from("(migration state)"), source }
+        })
+    }
+
+    /// Fails for what a snapshot or migration cannot carry yet.
+    pub(crate) fn check_supported(&self) -> Result<(), SnapshotFailure> {
+        if self.virtio_devices > 0 {
+            return Err(SnapshotFailure::Unsupported(format!(
+                "it has {} virtio device(s); snapshots do not cover virtio devices yet",
+                self.virtio_devices
+            )));
+        }
+        Ok(())
+    }
+
     fn set_dirty_logging(&self) -> Result<(), SnapshotFailure> {
         for (slot, region) in self.mem.iter().enumerate() {
             let host = region
@@ -760,7 +809,7 @@ impl Machine {
     }
 
     /// Per memory slot, the bitmap of pages written since the last call (and clears it).
-    fn dirty_bitmaps(&self) -> Result<Vec<Vec<u64>>, SnapshotFailure> {
+    pub(crate) fn dirty_bitmaps(&self) -> Result<Vec<Vec<u64>>, SnapshotFailure> {
         self.mem
             .iter()
             .enumerate()
@@ -853,12 +902,7 @@ impl Machine {
         incremental: bool,
         vcpus: &[VcpuState],
     ) -> Result<(u64, u64), SnapshotFailure> {
-        if self.virtio_devices > 0 {
-            return Err(SnapshotFailure::Unsupported(format!(
-                "it has {} virtio device(s); snapshots do not cover virtio devices yet",
-                self.virtio_devices
-            )));
-        }
+        self.check_supported()?;
         let mut tracking = lock(&self.tracking);
         std::fs::create_dir_all(dir).map_err(io("create the snapshot directory", dir))?;
         let canonical = dir.canonicalize().map_err(io("resolve", dir))?;

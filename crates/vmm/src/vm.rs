@@ -31,6 +31,17 @@ pub enum VmOutcome {
     DebugExit(u8),
     /// The user stopped the VM from the console (Ctrl-A x).
     ConsoleQuit,
+    /// The VM moved to another VMM process (live migration) and runs there.
+    Migrated,
+}
+
+/// Decides, once every vCPU is configured, whether they run: a migration's destination runs
+/// them only when the source says go.
+pub(crate) trait StartGate: Send {
+    /// Every vCPU is configured: Ok lets them run.
+    fn open(&mut self) -> Result<(), VmmError>;
+    /// The VM cannot start (`why`); none of its vCPUs will run.
+    fn abort(&mut self, why: &str);
 }
 
 /// Maps a failed VM-level KVM call to an error naming what was being done.
@@ -340,7 +351,18 @@ impl Vm {
         control: Arc<VmControl>,
     ) -> Result<VmOutcome, VmmError> {
         let built = Self::build(&config, None)?;
-        Self::run_built(&config, built, &control, None)
+        Self::run_built(&config, built, &control, None, None)
+    }
+
+    /// Waits for a live migration on `from` (`tcp:HOST:PORT` or `unix:PATH`), receives the
+    /// VM, and runs it once the source lets go; `make_control` gets the VM's vCPUs and memory
+    /// as soon as they are known (to start the per-VM API on its control).
+    pub fn run_incoming(
+        from: &crate::migration::MigrationAddress,
+        options: RestoreOptions,
+        make_control: impl FnOnce(usize, u64) -> Result<Arc<VmControl>, VmmError>,
+    ) -> Result<VmOutcome, VmmError> {
+        crate::migration::run_incoming(from, options, make_control)
     }
 
     /// Reads and checks a snapshot directory (docs/snapshot.md) for [`Vm::run_restored`].
@@ -356,6 +378,16 @@ impl Vm {
         control: Arc<VmControl>,
     ) -> Result<VmOutcome, VmmError> {
         let restored = prepared.0;
+        Self::run_restored_gated(restored, options, control, None)
+    }
+
+    /// [`Vm::run_restored`] with a gate deciding when the vCPUs run.
+    pub(crate) fn run_restored_gated(
+        restored: Restored,
+        options: RestoreOptions,
+        control: Arc<VmControl>,
+        mut gate: Option<Box<dyn StartGate>>,
+    ) -> Result<VmOutcome, VmmError> {
         let m = &restored.machine;
         let mut config = VmConfig::new(crate::config::KernelImage::Bytes {
             name: format!("snapshot {}", restored.dir.display()),
@@ -371,8 +403,16 @@ impl Vm {
         config.serial_max_bytes = options.serial_max_bytes;
         config.interactive_console = options.interactive_console;
         config.ready_fd = options.ready_fd;
-        let built = Self::build(&config, Some(&restored))?;
-        Self::run_built(&config, built, &control, Some(restored.vcpus))
+        let built = match Self::build(&config, Some(&restored)) {
+            Ok(built) => built,
+            Err(e) => {
+                if let Some(gate) = gate.as_mut() {
+                    gate.abort(&e.to_string());
+                }
+                return Err(e);
+            }
+        };
+        Self::run_built(&config, built, &control, Some(restored.vcpus), gate)
     }
 
     /// Creates the VM, its memory, devices and boot state, without any vCPU; for a restore,
@@ -399,6 +439,7 @@ impl Vm {
         // A vhost-user backend maps guest memory itself: it must be shared, with descriptors.
         let shared = config.disks.iter().any(|d| d.vhost_user.is_some());
         let (mem, backing) = match restored {
+            Some(Restored { memory: Some(mem), .. }) => (mem.clone(), None),
             Some(restored) => {
                 let (mem, backing) = crate::snapshot::map_memory(restored)?;
                 (mem, Some(backing))
@@ -709,6 +750,7 @@ impl Vm {
         built: BuiltVm,
         control: &Arc<VmControl>,
         saved_vcpus: Option<Vec<crate::snapshot::VcpuState>>,
+        mut gate: Option<Box<dyn StartGate>>,
     ) -> Result<VmOutcome, VmmError> {
         let BuiltVm { vm, mem, pio, mmio, boot, cpuid, machine } = built;
         let power = machine.power.clone();
@@ -722,7 +764,9 @@ impl Vm {
         let (tx, rx) = mpsc::channel();
         let mut threads = Vec::with_capacity(usize::from(config.cpus));
         let boot = Arc::new(boot);
-        let configured = Arc::new(std::sync::Barrier::new(usize::from(config.cpus)));
+        // Each vCPU reports its configuration, then waits for the verdict: run or not.
+        let (configured_tx, configured_rx) = mpsc::channel::<Result<(), VmmError>>();
+        let verdict = Arc::new((Mutex::new(None::<bool>), std::sync::Condvar::new()));
         for cpu in 0..config.cpus {
             let vcpu = vm.create_vcpu(u64::from(cpu)).map_err(kvm_call("create vCPU"))?;
             let runner = VcpuRunner {
@@ -739,7 +783,8 @@ impl Vm {
             let cpuid = cpuid.clone();
             let num_cpus = config.cpus;
             let boot = boot.clone();
-            let configured = configured.clone();
+            let configured = configured_tx.clone();
+            let verdict = verdict.clone();
             let saved = saved.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{cpu}"))
@@ -764,18 +809,56 @@ impl Vm {
                     };
                     // No vCPU runs before all are configured: a guest's INIT/SIPI must not
                     // reach a vCPU whose LAPIC is about to be overwritten.
-                    configured.wait();
-                    match result {
-                        Ok(()) => runner.run(),
-                        Err(e) => {
-                            let _ = runner.report.send(VcpuReport::Failed(e));
-                        }
+                    let ok = result.is_ok();
+                    let _ = configured.send(result);
+                    let (lock, changed) = &*verdict;
+                    let mut go = devices::bus::lock(lock);
+                    while go.is_none() {
+                        go = changed.wait(go).unwrap_or_else(std::sync::PoisonError::into_inner);
+                    }
+                    if *go == Some(true) && ok {
+                        drop(go);
+                        runner.run();
                     }
                 })
                 .map_err(|source| VmmError::Thread { name: format!("vcpu{cpu}"), source })?;
             threads.push(handle);
         }
         drop(tx);
+        drop(configured_tx);
+        let mut failure = None;
+        for _ in 0..config.cpus {
+            match configured_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    failure.get_or_insert(e);
+                }
+                Err(_) => {
+                    failure.get_or_insert(VmmError::MissingCapability("a configured vCPU"));
+                }
+            }
+        }
+        let decision = match (failure, gate.as_mut()) {
+            (Some(e), gate) => {
+                if let Some(gate) = gate {
+                    gate.abort(&e.to_string());
+                }
+                Err(e)
+            }
+            (None, Some(gate)) => gate.open(),
+            (None, None) => Ok(()),
+        };
+        {
+            let (lock, changed) = &*verdict;
+            *devices::bus::lock(lock) = Some(decision.is_ok());
+            changed.notify_all();
+        }
+        if let Err(e) = decision {
+            for handle in threads {
+                let _ = handle.join();
+            }
+            return Err(e);
+        }
         control.running(threads.iter().map(|t| t.as_pthread_t()).collect(), machine);
         if let Some(fd) = config.ready_fd {
             signal_ready(fd);
@@ -792,6 +875,9 @@ impl Vm {
                     }
                     if crate::console::QUIT_REQUESTED.load(Ordering::Acquire) {
                         break Ok(VcpuReport::Outcome(VmOutcome::ConsoleQuit));
+                    }
+                    if control.moved() {
+                        break Ok(VcpuReport::Outcome(VmOutcome::Migrated));
                     }
                 }
                 Ok(report) => break Ok(report),

@@ -1,0 +1,373 @@
+//! Live migration between two VMM processes (docs/snapshot.md, "Live migration"): the source
+//! (`vanguard vmm --api-socket`, told `PUT /v1/vm/migrate` by curl) moves a guest that keeps
+//! writing memory (the `dirty` scenario) to a destination (`vanguard vmm --migrate-from`), over
+//! TCP and over a Unix socket. The guest then verifies every page at the destination and its
+//! counter goes on. On failure exactly one side runs the VM: killing the source mid-way leaves
+//! the destination without a VM, killing the destination leaves the source running, a corrupt
+//! stream is refused, and a destination refuses a VM it cannot hold.
+
+mod common;
+
+use common::linux_qemu::tool_available;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+fn ready() -> bool {
+    common::kvm_available() && tool_available("curl", "--version", "curl")
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+/// The `dirty: step N` numbers printed so far (whole lines only).
+fn steps(out: &str) -> Vec<u64> {
+    let out = &out[..out.rfind('\n').unwrap_or(0)];
+    out.lines().filter_map(|l| l.trim().strip_prefix("dirty: step ")?.parse().ok()).collect()
+}
+
+fn wait_for_step(vm: &mut common::Running, seen: usize) -> u64 {
+    let start = Instant::now();
+    loop {
+        let all = steps(&vm.stdout_so_far());
+        if all.len() > seen {
+            return *all.last().expect("a step");
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "no new step:\n{}", vm.stdout_so_far());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn verify(vm: &mut common::Running) {
+    vm.write_stdin(b"v");
+    let start = Instant::now();
+    loop {
+        let all = vm.stdout_so_far();
+        assert!(!all.contains("dirty: FAILED"), "the guest found a wrong page:\n{all}");
+        let whole = &all[..all.rfind('\n').unwrap_or(0)];
+        if whole.lines().any(|l| l.contains("dirty: verified") && l.trim().ends_with(": ok")) {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "no verification:\n{all}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn source(cpus: u8, arg: &str, socket: &Path) -> common::Running {
+    let cpus = cpus.to_string();
+    let mut vm = common::guest(
+        &format!("console=ttyS0 dirty={arg}"),
+        &["--cpus", &cpus, "--api-socket", socket.to_str().unwrap()],
+    )
+    .timeout(Duration::from_secs(180))
+    .spawn_interactive();
+    wait_for_step(&mut vm, 0);
+    vm
+}
+
+fn destination(address: &str) -> common::Running {
+    common::run_args(["--migrate-from", address])
+        .timeout(Duration::from_secs(180))
+        .spawn_interactive()
+}
+
+fn migrate(socket: &Path, body: &str) -> (u16, String) {
+    common::curl_unix(socket, "PUT", "/v1/vm/migrate", Some(body))
+}
+
+/// Waits until `address` accepts connections (the destination listens).
+fn wait_listening(address: &str) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        if let Some(path) = address.strip_prefix("unix:") {
+            if Path::new(path).exists() {
+                return;
+            }
+        } else if let Some(addr) = address.strip_prefix("tcp:") {
+            // Probing a TCP listener would be taken as the migration's connection: its port
+            // is bound when `ss` lists it.
+            let out = std::process::Command::new("ss").args(["-Hltn"]).output();
+            if let Ok(out) = out {
+                let port = addr.rsplit(':').next().unwrap();
+                if String::from_utf8_lossy(&out.stdout).contains(&format!(":{port} ")) {
+                    return;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{address} is not listening after 20 s");
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn move_guest(cpus: u8, address: &str) {
+    let dir = common::TempDir::new("migrate");
+    let socket = dir.path().join("src.sock");
+    let mut src = source(cpus, "32M,8", &socket);
+    verify(&mut src);
+    let mut dst = destination(address);
+    wait_listening(address);
+    let before = *steps(&src.stdout_so_far()).last().unwrap();
+    let (code, answer) = migrate(&socket, &format!(r#"{{"destination":"{address}"}}"#));
+    assert_eq!(code, 200, "{answer}");
+    let info = json(&answer);
+    assert_eq!(info["phase"], "completed", "{info}");
+    // At least the 32 MiB region went over.
+    assert!(info["bytes_sent"].as_u64().unwrap() >= 32 << 20, "{info}");
+    assert!(info["downtime_us"].as_u64().unwrap() > 0, "{info}");
+    // The source ends by itself, saying where the VM went.
+    let out = src.finish();
+    out.assert_code(0).assert_stderr_contains("the VM moved to another VMM");
+    // The guest runs on at the destination, with every page as it left it.
+    let first = wait_for_step(&mut dst, 0);
+    assert!(first > before, "step {first} after the move is not past {before}");
+    verify(&mut dst);
+    dst.write_stdin(b"q");
+    dst.wait_for_stdout("dirty: stopped at step");
+    dst.finish().assert_clean_exit();
+}
+
+#[test]
+fn a_guest_writing_memory_moves_over_tcp() {
+    if ready() {
+        move_guest(1, &format!("tcp:127.0.0.1:{}", free_tcp_port()));
+    }
+}
+
+#[test]
+fn a_guest_with_4_vcpus_moves_over_a_unix_socket() {
+    if ready() {
+        let dir = common::TempDir::new("migrate-unix");
+        move_guest(4, &format!("unix:{}", dir.path().join("mig.sock").display()));
+    }
+}
+
+#[test]
+fn killing_either_side_mid_migration_leaves_the_vm_on_exactly_one() {
+    if !ready() {
+        return;
+    }
+    let dir = common::TempDir::new("migrate-kill");
+    let socket = dir.path().join("src.sock");
+    // 4 MiB/s for a 64 MiB region: the pre-copy takes about 16 s, time to kill a side.
+    let slow = r#","bandwidth_mib_s":4}"#;
+
+    // The source dies: the destination never gets the go and discards the VM.
+    let src = source(1, "64M,1", &socket);
+    let address = format!("unix:{}", dir.path().join("a.sock").display());
+    let dst = destination(&address);
+    wait_listening(&address);
+    let body = format!(r#"{{"destination":"{address}"{slow}"#);
+    let curl = {
+        let socket = socket.clone();
+        std::thread::spawn(move || migrate(&socket, &body))
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    src.kill_now();
+    let _ = curl.join();
+    let out = dst.finish();
+    out.assert_code(1).assert_no_panic();
+    assert!(!out.stdout.contains("dirty: step"), "the destination ran the guest:\n{}", out.stdout);
+    out.assert_stderr_contains("migration failed");
+
+    // The destination dies: the source's migration fails and its guest runs on, intact.
+    let socket = dir.path().join("src2.sock");
+    let mut src = source(1, "64M,1", &socket);
+    let address = format!("unix:{}", dir.path().join("b.sock").display());
+    let dst = destination(&address);
+    wait_listening(&address);
+    let body = format!(r#"{{"destination":"{address}"{slow}"#);
+    let curl = {
+        let socket = socket.clone();
+        std::thread::spawn(move || migrate(&socket, &body))
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, progress) = common::curl_unix(&socket, "GET", "/v1/vm/migration", None);
+    let progress = json(&progress);
+    assert_eq!(progress["phase"], "precopy", "{progress}");
+    dst.kill_now();
+    let (code, answer) = curl.join().unwrap();
+    assert_eq!(code, 502, "{answer}");
+    assert!(answer.contains("migration failed"), "{answer}");
+    let (_, info) = common::curl_unix(&socket, "GET", "/v1/vm", None);
+    assert_eq!(json(&info)["state"], "running", "{info}");
+    let (_, progress) = common::curl_unix(&socket, "GET", "/v1/vm/migration", None);
+    assert_eq!(json(&progress)["phase"], "failed", "{progress}");
+    let seen = steps(&src.stdout_so_far()).len();
+    wait_for_step(&mut src, seen);
+    verify(&mut src);
+
+    // Cancelled: the same, on request.
+    let address = format!("unix:{}", dir.path().join("c.sock").display());
+    let dst = destination(&address);
+    wait_listening(&address);
+    let body = format!(r#"{{"destination":"{address}"{slow}"#);
+    let curl = {
+        let socket = socket.clone();
+        std::thread::spawn(move || migrate(&socket, &body))
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let (code, answer) = common::curl_unix(&socket, "PUT", "/v1/vm/migration/cancel", None);
+    assert_eq!(code, 202, "{answer}");
+    let (code, answer) = curl.join().unwrap();
+    assert_eq!(code, 502, "{answer}");
+    assert!(answer.contains("cancelled"), "{answer}");
+    let (_, progress) = common::curl_unix(&socket, "GET", "/v1/vm/migration", None);
+    assert_eq!(json(&progress)["phase"], "cancelled", "{progress}");
+    dst.finish().assert_code(1);
+    let seen = steps(&src.stdout_so_far()).len();
+    wait_for_step(&mut src, seen);
+    src.kill_now();
+}
+
+/// A hello for a machine of `memory` bytes, written from the specification in
+/// docs/snapshot.md (not from Vanguard's code).
+fn hello(memory: u64) -> Vec<u8> {
+    let hole_start = 0xc000_0000u64;
+    let low = memory.min(hole_start);
+    let mut ranges = vec![(0u64, low, 0u64)];
+    if memory > low {
+        ranges.push((0x1_0000_0000, memory - low, low));
+    }
+    let mut p = b"VGMIGR01".to_vec();
+    p.extend_from_slice(&1u32.to_le_bytes()); // vCPUs
+    p.extend_from_slice(&memory.to_le_bytes());
+    p.extend_from_slice(&[0, 0, 0]); // PCI transport, no debug-exit, no boot timer
+    p.extend_from_slice(&16u32.to_le_bytes());
+    p.extend_from_slice(&[7; 16]); // VM ID
+    p.extend_from_slice(&0u64.to_le_bytes()); // generation
+    p.extend_from_slice(&u32::try_from(ranges.len()).unwrap().to_le_bytes());
+    for (guest, len, offset) in ranges {
+        for v in [guest, len, offset] {
+            p.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    p.extend_from_slice(&6u32.to_le_bytes());
+    p.extend_from_slice(b"memory");
+    p.extend_from_slice(&memory.to_le_bytes());
+    p.extend_from_slice(&0u32.to_le_bytes()); // virtio devices
+    p
+}
+
+fn message(kind: u8, payload: &[u8]) -> Vec<u8> {
+    let mut m = vec![kind];
+    m.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    m.extend_from_slice(payload);
+    m
+}
+
+fn connect(path: &Path) -> std::os::unix::net::UnixStream {
+    // The socket file appears at bind(), a moment before listen().
+    let start = Instant::now();
+    let s = loop {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(s) => break s,
+            Err(e) if start.elapsed() < Duration::from_secs(5) => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("connect to the destination: {e}"),
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s
+}
+
+fn read_message(s: &mut impl Read) -> (u8, Vec<u8>) {
+    let mut head = [0u8; 9];
+    s.read_exact(&mut head).expect("a message");
+    let len = u64::from_le_bytes(head[1..].try_into().unwrap());
+    let mut payload = vec![0u8; usize::try_from(len).unwrap()];
+    s.read_exact(&mut payload).unwrap();
+    (head[0], payload)
+}
+
+#[test]
+fn destinations_refuse_corrupt_streams_and_machines_they_cannot_hold() {
+    if !ready() {
+        return;
+    }
+    let dir = common::TempDir::new("migrate-bad");
+
+    // A VM larger than this host.
+    let path = dir.path().join("big.sock");
+    let address = format!("unix:{}", path.display());
+    let dst = destination(&address);
+    wait_listening(&address);
+    let mut s = connect(&path);
+    s.write_all(&message(b'H', &hello(32 << 40))).unwrap();
+    let (kind, why) = read_message(&mut s);
+    assert_eq!(kind, b'R');
+    let why = String::from_utf8_lossy(&why).to_string();
+    assert!(why.contains("more than this host's"), "{why}");
+    dst.finish().assert_code(1).assert_stderr_contains("refused the incoming VM");
+
+    // Pages outside guest memory.
+    let path = dir.path().join("oob.sock");
+    let address = format!("unix:{}", path.display());
+    let dst = destination(&address);
+    wait_listening(&address);
+    let mut s = connect(&path);
+    s.write_all(&message(b'H', &hello(128 << 20))).unwrap();
+    assert_eq!(read_message(&mut s).0, b'A');
+    let mut pages = (200u64 << 20).to_le_bytes().to_vec();
+    pages.extend_from_slice(&[0xaa; 4096]);
+    s.write_all(&message(b'M', &pages)).unwrap();
+    let (kind, why) = read_message(&mut s);
+    assert_eq!(kind, b'E');
+    assert!(String::from_utf8_lossy(&why).contains("outside guest memory"));
+    dst.finish().assert_code(1).assert_stderr_contains("corrupt migration stream");
+
+    // A state that fails its checksum.
+    let path = dir.path().join("crc.sock");
+    let address = format!("unix:{}", path.display());
+    let dst = destination(&address);
+    wait_listening(&address);
+    let mut s = connect(&path);
+    s.write_all(&message(b'H', &hello(128 << 20))).unwrap();
+    assert_eq!(read_message(&mut s).0, b'A');
+    let golden = common::repo_root().join("crates/vanguard/tests/golden/snapshot-v1/state");
+    let mut state = std::fs::read(golden).unwrap();
+    let middle = state.len() / 2;
+    state[middle] ^= 0x10;
+    s.write_all(&message(b'S', &state)).unwrap();
+    let (kind, why) = read_message(&mut s);
+    assert_eq!(kind, b'E');
+    assert!(String::from_utf8_lossy(&why).contains("CRC-32"), "{}", String::from_utf8_lossy(&why));
+    dst.finish().assert_code(1);
+
+    // An absurd length.
+    let path = dir.path().join("len.sock");
+    let address = format!("unix:{}", path.display());
+    let dst = destination(&address);
+    wait_listening(&address);
+    let mut s = connect(&path);
+    s.write_all(&message(b'H', &hello(128 << 20))).unwrap();
+    assert_eq!(read_message(&mut s).0, b'A');
+    let mut bad = vec![b'M'];
+    bad.extend_from_slice(&u64::MAX.to_le_bytes());
+    s.write_all(&bad).unwrap();
+    dst.finish().assert_code(1).assert_stderr_contains("corrupt migration stream");
+
+    // And a source whose destination is not a Vanguard VMM resumes its guest.
+    let socket = dir.path().join("src.sock");
+    let mut src = source(1, "8M", &socket);
+    let fake = dir.path().join("fake.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&fake).unwrap();
+    let answer = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let _ = read_message(&mut s);
+        s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").unwrap();
+    });
+    let (code, body) = migrate(&socket, &format!(r#"{{"destination":"unix:{}"}}"#, fake.display()));
+    answer.join().unwrap();
+    assert_eq!(code, 502, "{body}");
+    let seen = steps(&src.stdout_so_far()).len();
+    wait_for_step(&mut src, seen);
+    verify(&mut src);
+    src.kill_now();
+}

@@ -1,0 +1,474 @@
+//! Live migration between two VMM processes, over TCP or a Unix socket (docs/snapshot.md,
+//! "Migration"): pre-copy of guest memory through KVM's dirty log while the guest runs, then a
+//! short stop-and-copy of what is left plus the same state file a snapshot writes.
+//!
+//! The stream is a sequence of messages, each `kind: u8, length: u64 LE, payload`:
+//!
+//! | kind | direction | payload |
+//! |---|---|---|
+//! | `H` hello | source → destination | `VGMIGR01`, then the `machine` section payload |
+//! | `A` accept / `R` refuse | destination → source | empty / a UTF-8 reason |
+//! | `M` memory | source → destination | u64 offset in the memory file layout, then whole pages |
+//! | `S` state | source → destination | a complete state file (docs/snapshot.md) |
+//! | `Y` ready / `E` error | destination → source | empty / a UTF-8 reason |
+//! | `G` go | source → destination | empty |
+//!
+//! Exactly one side runs the VM: the destination starts its vCPUs only after `G`, and discards
+//! the VM if the stream ends before it; the source sends `G` only after `Y` (the destination
+//! holds the whole VM, built and checked), and resumes its guest on any failure before that.
+
+use crate::control::VmControl;
+use crate::error::VmmError;
+use crate::snapshot::{decode_machine, encode_machine, MachineDesc, SnapshotFailure};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+const HELLO_MAGIC: &[u8; 8] = b"VGMIGR01";
+pub(crate) const KIND_HELLO: u8 = b'H';
+pub(crate) const KIND_ACCEPT: u8 = b'A';
+pub(crate) const KIND_REFUSE: u8 = b'R';
+pub(crate) const KIND_MEMORY: u8 = b'M';
+pub(crate) const KIND_STATE: u8 = b'S';
+pub(crate) const KIND_READY: u8 = b'Y';
+pub(crate) const KIND_ERROR: u8 = b'E';
+pub(crate) const KIND_GO: u8 = b'G';
+/// The largest message: a state file or a run of pages.
+const MAX_MESSAGE: u64 = 64 << 20;
+/// Pages per memory message at most.
+const RUN_PAGES: usize = 256;
+const PAGE: usize = 4096;
+/// How long either side waits for the other before giving up.
+pub(crate) const PEER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pre-copy passes before the stop-and-copy is forced.
+pub(crate) const MAX_PASSES: u32 = 30;
+
+/// A connection to the other VMM.
+pub(crate) trait Link: Read + Write + Send {
+    fn set_timeouts(&self, timeout: Option<Duration>) -> std::io::Result<()>;
+    fn try_clone_link(&self) -> std::io::Result<Box<dyn Link>>;
+}
+
+impl Link for std::net::TcpStream {
+    fn set_timeouts(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(timeout)?;
+        self.set_write_timeout(timeout)
+    }
+    fn try_clone_link(&self) -> std::io::Result<Box<dyn Link>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+}
+
+impl Link for std::os::unix::net::UnixStream {
+    fn set_timeouts(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(timeout)?;
+        self.set_write_timeout(timeout)
+    }
+    fn try_clone_link(&self) -> std::io::Result<Box<dyn Link>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+}
+
+/// Where a migration goes or comes from: `tcp:HOST:PORT` or `unix:PATH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MigrationAddress {
+    /// A TCP address.
+    Tcp(String),
+    /// A Unix socket path.
+    Unix(std::path::PathBuf),
+}
+
+impl std::str::FromStr for MigrationAddress {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(addr) = s.strip_prefix("tcp:") {
+            if addr.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+            {
+                return Ok(Self::Tcp(addr.to_string()));
+            }
+        } else if let Some(path) = s.strip_prefix("unix:") {
+            if !path.is_empty() {
+                return Ok(Self::Unix(path.into()));
+            }
+        }
+        Err(format!("invalid migration address '{s}': use tcp:HOST:PORT or unix:PATH"))
+    }
+}
+
+impl std::fmt::Display for MigrationAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "tcp:{a}"),
+            Self::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+fn link_err(what: &str, addr: &MigrationAddress) -> impl FnOnce(std::io::Error) -> SnapshotFailure {
+    let what = format!("{what} {addr}");
+    move |e| SnapshotFailure::Migration(format!("{what}: {e}"))
+}
+
+impl MigrationAddress {
+    pub(crate) fn connect(&self) -> Result<Box<dyn Link>, SnapshotFailure> {
+        let link: Box<dyn Link> = match self {
+            Self::Tcp(a) => {
+                let s = std::net::TcpStream::connect(a).map_err(link_err("connect to", self))?;
+                let _ = s.set_nodelay(true);
+                Box::new(s)
+            }
+            Self::Unix(p) => Box::new(
+                std::os::unix::net::UnixStream::connect(p).map_err(link_err("connect to", self))?,
+            ),
+        };
+        link.set_timeouts(Some(PEER_TIMEOUT)).map_err(link_err("set timeouts on", self))?;
+        Ok(link)
+    }
+
+    /// Listens and takes one connection (a Unix socket path is removed afterwards).
+    pub(crate) fn accept(&self) -> Result<Box<dyn Link>, SnapshotFailure> {
+        let link: Box<dyn Link> = match self {
+            Self::Tcp(a) => {
+                let l = std::net::TcpListener::bind(a).map_err(link_err("listen on", self))?;
+                let (s, _) = l.accept().map_err(link_err("accept on", self))?;
+                let _ = s.set_nodelay(true);
+                Box::new(s)
+            }
+            Self::Unix(p) => {
+                let l = std::os::unix::net::UnixListener::bind(p)
+                    .map_err(link_err("listen on", self))?;
+                let accepted = l.accept();
+                let _ = std::fs::remove_file(p);
+                Box::new(accepted.map_err(link_err("accept on", self))?.0)
+            }
+        };
+        link.set_timeouts(Some(PEER_TIMEOUT)).map_err(link_err("set timeouts on", self))?;
+        Ok(link)
+    }
+}
+
+fn lost(e: std::io::Error) -> SnapshotFailure {
+    SnapshotFailure::Migration(format!("the connection to the other VMM failed: {e}"))
+}
+
+pub(crate) fn send(w: &mut impl Write, kind: u8, parts: &[&[u8]]) -> Result<(), SnapshotFailure> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    w.write_all(&[kind]).map_err(lost)?;
+    w.write_all(&(len as u64).to_le_bytes()).map_err(lost)?;
+    for p in parts {
+        w.write_all(p).map_err(lost)?;
+    }
+    Ok(())
+}
+
+/// Reads one message; a length beyond [`MAX_MESSAGE`] is a corrupt stream.
+pub(crate) fn receive(r: &mut impl Read) -> Result<(u8, Vec<u8>), SnapshotFailure> {
+    let mut head = [0u8; 9];
+    r.read_exact(&mut head).map_err(lost)?;
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&head[1..]);
+    let len = u64::from_le_bytes(len);
+    if len > MAX_MESSAGE {
+        return Err(SnapshotFailure::Migration(format!(
+            "corrupt migration stream: a message of {len} bytes (kind {:#04x})",
+            head[0]
+        )));
+    }
+    let mut payload = vec![0u8; usize::try_from(len).unwrap_or(0)];
+    r.read_exact(&mut payload).map_err(lost)?;
+    Ok((head[0], payload))
+}
+
+/// How to migrate.
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    /// Where the destination VMM listens.
+    pub destination: MigrationAddress,
+    /// The longest the guest may be stopped for the final copy.
+    pub max_downtime: Duration,
+    /// Bytes per second at most (None: as fast as the link goes).
+    pub bandwidth: Option<u64>,
+    /// Slow the guest's vCPUs down when it dirties memory faster than the link sends it.
+    pub auto_converge: bool,
+}
+
+/// Where a migration is.
+#[derive(Debug, Clone, Default)]
+pub struct MigrationProgress {
+    /// `connecting`, `precopy`, `stop-and-copy`, `completed`, `failed`, `cancelled`, or
+    /// empty when none has run.
+    pub phase: String,
+    /// Pre-copy passes done.
+    pub passes: u32,
+    /// Bytes of guest memory sent.
+    pub bytes_sent: u64,
+    /// Dirty bytes found by the last pass.
+    pub dirty_bytes: u64,
+    /// The guest's dirtying rate over the last pass, bytes per second.
+    pub dirty_rate: u64,
+    /// The link's rate over the last pass, bytes per second.
+    pub link_rate: u64,
+    /// How long the stop-and-copy would take now.
+    pub expected_downtime: Duration,
+    /// Share of each 10 ms the vCPUs are held by auto-converge, percent.
+    pub throttle_percent: u32,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// What a finished migration did.
+#[derive(Debug, Clone)]
+pub struct MigrationReport {
+    /// From the request to the destination's go.
+    pub total: Duration,
+    /// From pausing the guest to the destination's go.
+    pub downtime: Duration,
+    /// Bytes of guest memory sent.
+    pub bytes_sent: u64,
+    /// Bytes of state sent.
+    pub state_bytes: u64,
+    /// Pre-copy passes.
+    pub passes: u32,
+}
+
+/// The migration bookkeeping a VM's control keeps.
+#[derive(Default)]
+pub(crate) struct MigrationStatus {
+    pub progress: Mutex<MigrationProgress>,
+    pub cancel: AtomicBool,
+    /// Set when the VM moved: the VMM ends.
+    pub moved: AtomicBool,
+    pub throttle: AtomicU64,
+}
+
+/// Sends guest memory: the pages `wanted` selects (in `fresh` mode, all-zero pages are
+/// skipped: the destination's memory starts zeroed), in runs, at most `bandwidth` bytes/s.
+pub(crate) struct Sender<'a> {
+    pub mem: &'a GuestMemoryMmap,
+    pub ranges: &'a [crate::snapshot::RamRange],
+    pub out: &'a mut BufWriter<Box<dyn Link>>,
+    pub bandwidth: Option<u64>,
+    pub started: Instant,
+    pub sent: u64,
+    pub cancel: &'a AtomicBool,
+}
+
+impl Sender<'_> {
+    fn pace(&self) {
+        if let Some(rate) = self.bandwidth.filter(|r| *r > 0) {
+            let due = Duration::from_secs_f64(self.sent as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+
+    /// Sends the selected pages of range `index`.
+    pub fn range(
+        &mut self,
+        index: usize,
+        fresh: bool,
+        wanted: impl Fn(usize) -> bool,
+    ) -> Result<u64, SnapshotFailure> {
+        let Some(range) = self.ranges.get(index) else { return Ok(0) };
+        let pages = usize::try_from(range.len).unwrap_or(0) / PAGE;
+        let mut buf = vec![0u8; RUN_PAGES * PAGE];
+        let mut page = 0;
+        let mut total = 0;
+        while page < pages {
+            if self.cancel.load(Ordering::Acquire) {
+                return Err(SnapshotFailure::Migration("cancelled".into()));
+            }
+            if !wanted(page) {
+                page += 1;
+                continue;
+            }
+            // A run of wanted pages, read as they are now (the guest may be running: a page
+            // it writes meanwhile is dirty again and goes in a later pass).
+            let start = page;
+            let mut n = 0;
+            while page < pages && n < RUN_PAGES && wanted(page) {
+                let at = GuestAddress(range.guest + (page * PAGE) as u64);
+                let slot = &mut buf[n * PAGE..(n + 1) * PAGE];
+                self.mem
+                    .read_slice(slot, at)
+                    .map_err(|e| SnapshotFailure::Migration(format!("read guest memory: {e}")))?;
+                if fresh && slot.iter().all(|b| *b == 0) {
+                    break;
+                }
+                n += 1;
+                page += 1;
+            }
+            if n == 0 {
+                // A zero page in a fresh pass: skipped.
+                page += 1;
+                continue;
+            }
+            let offset = range.file_offset + (start * PAGE) as u64;
+            send(self.out, KIND_MEMORY, &[&offset.to_le_bytes(), &buf[..n * PAGE]])?;
+            let bytes = (n * PAGE) as u64;
+            self.sent += bytes;
+            total += bytes;
+            self.pace();
+        }
+        Ok(total)
+    }
+}
+
+/// The hello: magic and the machine description.
+pub(crate) fn hello(desc: &MachineDesc) -> Vec<u8> {
+    let mut out = HELLO_MAGIC.to_vec();
+    out.extend_from_slice(&encode_machine(desc).0);
+    out
+}
+
+/// Reads the hello on the destination.
+pub(crate) fn read_hello(
+    input: &mut BufReader<Box<dyn Link>>,
+) -> Result<MachineDesc, SnapshotFailure> {
+    let (kind, payload) = receive(input)?;
+    if kind != KIND_HELLO || payload.len() < 8 || &payload[..8] != HELLO_MAGIC {
+        return Err(SnapshotFailure::Migration(
+            "the peer is not a Vanguard migration source (no hello)".into(),
+        ));
+    }
+    let section = snapshot::Section {
+        tag: "machine".into(),
+        version: 1,
+        flags: snapshot::FLAG_REQUIRED,
+        payload: &payload[8..],
+    };
+    decode_machine(&section).map_err(|e| SnapshotFailure::Migration(e.to_string()))
+}
+
+/// Writes a memory message into the destination's guest memory, checking it lies inside.
+pub(crate) fn apply_memory(
+    mem: &GuestMemoryMmap,
+    desc: &MachineDesc,
+    payload: &[u8],
+) -> Result<u64, SnapshotFailure> {
+    let corrupt =
+        |what: String| SnapshotFailure::Migration(format!("corrupt migration stream: {what}"));
+    if payload.len() < 8 || !(payload.len() - 8).is_multiple_of(PAGE) {
+        return Err(corrupt(format!("a memory message of {} bytes", payload.len())));
+    }
+    let mut off = [0u8; 8];
+    off.copy_from_slice(&payload[..8]);
+    let offset = u64::from_le_bytes(off);
+    let data = &payload[8..];
+    let end =
+        offset.checked_add(data.len() as u64).ok_or_else(|| corrupt("offset overflow".into()))?;
+    let range = desc
+        .ranges
+        .iter()
+        .find(|r| offset >= r.file_offset && end <= r.file_offset + r.len)
+        .ok_or_else(|| corrupt(format!("pages at {offset:#x}..{end:#x} outside guest memory")))?;
+    let at = GuestAddress(range.guest + (offset - range.file_offset));
+    mem.write_slice(data, at).map_err(|e| corrupt(format!("write guest memory: {e}")))?;
+    Ok(data.len() as u64)
+}
+
+/// The host's RAM (MemTotal), bytes.
+fn host_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// The destination's gate: tells the source the VM is ready, and lets the vCPUs run only
+/// when the source says go.
+struct GoGate {
+    input: BufReader<Box<dyn Link>>,
+    out: BufWriter<Box<dyn Link>>,
+}
+
+impl crate::vm::StartGate for GoGate {
+    fn open(&mut self) -> Result<(), VmmError> {
+        send(&mut self.out, KIND_READY, &[])?;
+        self.out.flush().map_err(lost)?;
+        match receive(&mut self.input) {
+            Ok((KIND_GO, _)) => Ok(()),
+            Ok((kind, _)) => Err(SnapshotFailure::Migration(format!(
+                "the source sent message {kind:#04x} instead of go; the VM is discarded"
+            ))
+            .into()),
+            Err(e) => Err(SnapshotFailure::Migration(format!(
+                "no go from the source ({e}); the VM is discarded"
+            ))
+            .into()),
+        }
+    }
+
+    fn abort(&mut self, why: &str) {
+        let _ = send(&mut self.out, KIND_ERROR, &[why.as_bytes()]);
+        let _ = self.out.flush();
+    }
+}
+
+/// Takes one incoming migration on `from` and runs the VM once the source lets go.
+/// `make_control` is called with the VM's vCPUs and memory once they are known.
+pub(crate) fn run_incoming(
+    from: &MigrationAddress,
+    options: crate::vm::RestoreOptions,
+    make_control: impl FnOnce(usize, u64) -> Result<Arc<VmControl>, VmmError>,
+) -> Result<crate::vm::VmOutcome, VmmError> {
+    let link = from.accept()?;
+    let mut input = BufReader::with_capacity(1 << 20, link.try_clone_link().map_err(lost)?);
+    let mut out = BufWriter::new(link);
+    let desc = read_hello(&mut input)?;
+    if let Some(host) = host_memory().filter(|host| desc.memory > *host) {
+        let why = format!(
+            "the VM has {} MiB of memory, more than this host's {} MiB",
+            desc.memory >> 20,
+            host >> 20
+        );
+        let _ = send(&mut out, KIND_REFUSE, &[why.as_bytes()]);
+        let _ = out.flush();
+        return Err(SnapshotFailure::Migration(format!("refused the incoming VM: {why}")).into());
+    }
+    let mem = match crate::memory::create_guest_memory(desc.memory, false, false) {
+        Ok(mem) => mem,
+        Err(e) => {
+            let _ = send(&mut out, KIND_REFUSE, &[e.to_string().as_bytes()]);
+            let _ = out.flush();
+            return Err(e);
+        }
+    };
+    send(&mut out, KIND_ACCEPT, &[])?;
+    out.flush().map_err(lost)?;
+    let mut gate = GoGate { input, out };
+    let fail = |gate: &mut GoGate, e: SnapshotFailure| -> VmmError {
+        crate::vm::StartGate::abort(gate, &e.to_string());
+        e.into()
+    };
+    let state = loop {
+        let (kind, payload) = receive(&mut gate.input)?;
+        match kind {
+            KIND_MEMORY => {
+                apply_memory(&mem, &desc, &payload).map_err(|e| fail(&mut gate, e))?;
+            }
+            KIND_STATE => break payload,
+            other => {
+                let e = SnapshotFailure::Migration(format!(
+                    "corrupt migration stream: message {other:#04x} during the memory copy"
+                ));
+                return Err(fail(&mut gate, e));
+            }
+        }
+    };
+    let label = std::path::Path::new("(migration stream)");
+    let mut restored =
+        crate::snapshot::parse_state(&state, label, label).map_err(|e| fail(&mut gate, e))?;
+    let m = &restored.machine;
+    if m.vm_id != desc.vm_id || m.memory != desc.memory || m.vcpus != desc.vcpus {
+        let e = SnapshotFailure::Migration("the state describes another VM than the hello".into());
+        return Err(fail(&mut gate, e));
+    }
+    restored.memory = Some(mem);
+    let control = make_control(usize::from(m.vcpus), m.memory)?;
+    crate::vm::Vm::run_restored_gated(restored, options, control, Some(Box::new(gate)))
+}
