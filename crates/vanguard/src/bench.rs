@@ -66,6 +66,19 @@ pub enum Bench {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Snapshots: restore time (new process to a running restored guest) for 128 MiB and
+    /// 1 GiB, and the write of a 1 GiB snapshot against dd of the same bytes.
+    Snapshot {
+        /// Restores per size (the median is reported).
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
+    /// Live migration on loopback TCP of a 1 GiB guest dirtying memory at each rate (MiB/s).
+    Migrate {
+        /// Dirty rates, MiB/s (0: an idle guest).
+        #[arg(long, value_delimiter = ',', default_value = "0,50,200")]
+        rates: Vec<u64>,
+    },
     /// All of the above with their defaults.
     All,
 }
@@ -256,6 +269,8 @@ pub fn run(which: Bench) -> Result<(), String> {
         }
         Bench::Api { runs, concurrent } => crate::bench_api::run(runs, concurrent),
         Bench::Net { size_mib, runs } => crate::bench_net::run(size_mib, runs),
+        Bench::Snapshot { runs } => crate::bench_snapshot::run(runs),
+        Bench::Migrate { rates } => crate::bench_snapshot::migrate(&rates),
         Bench::All => {
             boot(20)?;
             memory()?;

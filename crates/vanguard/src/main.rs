@@ -3,6 +3,7 @@
 mod bench;
 mod bench_api;
 mod bench_net;
+mod bench_snapshot;
 mod manage;
 mod size;
 mod vmm_api;

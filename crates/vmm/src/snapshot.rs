@@ -964,12 +964,13 @@ impl Machine {
             self.dirty_bitmaps()?;
             let tmp = canonical.join(format!("{MEMORY_FILE}.tmp"));
             let file = File::create(&tmp).map_err(io("create", &tmp))?;
-            file.set_len(self.desc.memory_file_len).map_err(io("size", &tmp))?;
             let mut total = 0u64;
             for (index, range) in self.desc.ranges.iter().enumerate() {
                 let bytes = self.region_bytes(index).unwrap_or(&[]);
                 total += write_pages(&file, &tmp, bytes, range.file_offset, true, |_| true)?;
             }
+            // Sized after the writes: trailing zero pages are a hole too.
+            file.set_len(self.desc.memory_file_len).map_err(io("size", &tmp))?;
             file.sync_data().map_err(io("sync", &tmp))?;
             std::fs::rename(&tmp, &memory_path).map_err(io("rename into place", &tmp))?;
             generation = self.desc.generation + 1;

@@ -246,6 +246,17 @@ pub struct Running {
     shown: String,
 }
 
+/// A test that fails part-way must not leave its VMM running (and eating the CPUs the
+/// other tests need).
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl Running {
     /// Writes to the process's stdin.
     pub fn write_stdin(&mut self, data: &[u8]) {
