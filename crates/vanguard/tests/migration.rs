@@ -224,16 +224,38 @@ fn killing_either_side_mid_migration_leaves_the_vm_on_exactly_one() {
     src.kill_now();
 }
 
-/// A hello for a machine of `memory` bytes, written from the specification in
-/// docs/snapshot.md (not from Vanguard's code).
+/// A hello for a machine of `memory` bytes whose vCPU 0 shows `cpuid` (function, index, eax,
+/// ebx, ecx, edx), written from the specification in docs/snapshot.md (not from Vanguard's
+/// code).
+fn hello_with(memory: u64, cpuid: &[[u32; 6]]) -> Vec<u8> {
+    let machine = machine(memory);
+    let mut p = b"VGMIGR01".to_vec();
+    p.extend_from_slice(&u32::try_from(machine.len()).unwrap().to_le_bytes());
+    p.extend_from_slice(&machine);
+    p.extend_from_slice(&u32::try_from(cpuid.len()).unwrap().to_le_bytes());
+    for [function, index, eax, ebx, ecx, edx] in cpuid {
+        p.extend_from_slice(&40u32.to_le_bytes());
+        // struct kvm_cpuid_entry2: function, index, flags, eax, ebx, ecx, edx, padding[3]
+        for v in [*function, *index, 0, *eax, *ebx, *ecx, *edx, 0, 0, 0] {
+            p.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    p
+}
+
 fn hello(memory: u64) -> Vec<u8> {
+    hello_with(memory, &[])
+}
+
+/// A `machine` section payload.
+fn machine(memory: u64) -> Vec<u8> {
     let hole_start = 0xc000_0000u64;
     let low = memory.min(hole_start);
     let mut ranges = vec![(0u64, low, 0u64)];
     if memory > low {
         ranges.push((0x1_0000_0000, memory - low, low));
     }
-    let mut p = b"VGMIGR01".to_vec();
+    let mut p = Vec::new();
     p.extend_from_slice(&1u32.to_le_bytes()); // vCPUs
     p.extend_from_slice(&memory.to_le_bytes());
     p.extend_from_slice(&[0, 0, 0]); // PCI transport, no debug-exit, no boot timer
@@ -305,6 +327,19 @@ fn destinations_refuse_corrupt_streams_and_machines_they_cannot_hold() {
     let why = String::from_utf8_lossy(&why).to_string();
     assert!(why.contains("more than this host's"), "{why}");
     dst.finish().assert_code(1).assert_stderr_contains("refused the incoming VM");
+
+    // A vCPU that was shown CPU features no vCPU here shows (every bit of leaf 7's EBX).
+    let path = dir.path().join("cpu.sock");
+    let address = format!("unix:{}", path.display());
+    let dst = destination(&address);
+    wait_listening(&address);
+    let mut s = connect(&path);
+    s.write_all(&message(b'H', &hello_with(128 << 20, &[[7, 0, 0, u32::MAX, 0, 0]]))).unwrap();
+    let (kind, why) = read_message(&mut s);
+    assert_eq!(kind, b'R');
+    let why = String::from_utf8_lossy(&why).to_string();
+    assert!(why.contains("CPUID leaf 0x7 ebx"), "{why}");
+    dst.finish().assert_code(1).assert_stderr_contains("does not offer");
 
     // Pages outside guest memory.
     let path = dir.path().join("oob.sock");

@@ -468,7 +468,12 @@ impl VmControl {
         let flush = |out: &mut BufWriter<_>| {
             out.flush().map_err(|e| SnapshotFailure::Migration(format!("send: {e}")))
         };
-        migration::send(&mut out, migration::KIND_HELLO, &[&migration::hello(&machine.desc)])?;
+        let cpuid = lock(&machine.cpuid0).clone().unwrap_or_default();
+        migration::send(
+            &mut out,
+            migration::KIND_HELLO,
+            &[&migration::hello(&machine.desc, &cpuid)],
+        )?;
         flush(&mut out)?;
         match migration::receive(&mut input)? {
             (migration::KIND_ACCEPT, _) => {}

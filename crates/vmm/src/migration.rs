@@ -318,30 +318,96 @@ impl Sender<'_> {
     }
 }
 
-/// The hello: magic and the machine description.
-pub(crate) fn hello(desc: &MachineDesc) -> Vec<u8> {
+/// The hello: magic, the machine description (a blob), and the CPUID vCPU 0 shows the guest
+/// (a count, then raw `struct kvm_cpuid_entry2`s), which the destination checks before any
+/// memory is sent.
+pub(crate) fn hello(desc: &MachineDesc, cpuid: &[kvm_bindings::kvm_cpuid_entry2]) -> Vec<u8> {
+    let mut e = snapshot::Encoder::new();
+    e.bytes(&encode_machine(desc).0);
+    e.u32(u32::try_from(cpuid.len()).unwrap_or(0));
+    for entry in cpuid {
+        e.bytes(zerocopy::IntoBytes::as_bytes(entry));
+    }
     let mut out = HELLO_MAGIC.to_vec();
-    out.extend_from_slice(&encode_machine(desc).0);
+    out.extend_from_slice(&e.0);
     out
 }
 
 /// Reads the hello on the destination.
 pub(crate) fn read_hello(
     input: &mut BufReader<Box<dyn Link>>,
-) -> Result<MachineDesc, SnapshotFailure> {
+) -> Result<(MachineDesc, Vec<kvm_bindings::kvm_cpuid_entry2>), SnapshotFailure> {
     let (kind, payload) = receive(input)?;
     if kind != KIND_HELLO || payload.len() < 8 || &payload[..8] != HELLO_MAGIC {
         return Err(SnapshotFailure::Migration(
             "the peer is not a Vanguard migration source (no hello)".into(),
         ));
     }
-    let section = snapshot::Section {
-        tag: "machine".into(),
+    let bad = |e: snapshot::SnapshotError| SnapshotFailure::Migration(format!("hello: {e}"));
+    let hello = snapshot::Section {
+        tag: "hello".into(),
         version: 1,
         flags: snapshot::FLAG_REQUIRED,
         payload: &payload[8..],
     };
-    decode_machine(&section).map_err(|e| SnapshotFailure::Migration(e.to_string()))
+    let mut d = hello.decoder();
+    let machine = snapshot::Section {
+        tag: "machine".into(),
+        version: 1,
+        flags: snapshot::FLAG_REQUIRED,
+        payload: d.bytes("machine").map_err(bad)?,
+    };
+    let desc = decode_machine(&machine).map_err(bad)?;
+    let size = std::mem::size_of::<kvm_bindings::kvm_cpuid_entry2>();
+    let n = d.count(4 + size, "CPUID entries").map_err(bad)?;
+    let mut cpuid = Vec::with_capacity(n);
+    for _ in 0..n {
+        let bytes = d.exact(size, "CPUID entry").map_err(bad)?;
+        let entry = <kvm_bindings::kvm_cpuid_entry2 as zerocopy::FromBytes>::read_from_bytes(bytes)
+            .map_err(|_| {
+                SnapshotFailure::Migration("hello: a CPUID entry does not decode".into())
+            })?;
+        cpuid.push(entry);
+    }
+    d.finish().map_err(bad)?;
+    Ok((desc, cpuid))
+}
+
+/// Whether this host can show the source's vCPUs their CPU features: a throwaway vCPU is given
+/// the CPUID a fresh VM here would have, and what it then shows must include every feature the
+/// source's vCPU 0 shows.
+fn check_cpu_here(
+    desc: &MachineDesc,
+    cpuid: &[kvm_bindings::kvm_cpuid_entry2],
+) -> Result<(), VmmError> {
+    if cpuid.is_empty() {
+        return Ok(());
+    }
+    let kvm = crate::vm::open_kvm()?;
+    let max = kvm.get_max_vcpus().min(254);
+    if usize::from(desc.vcpus) > max {
+        return Err(SnapshotFailure::Incompatible(format!(
+            "the VM has {} vCPUs, this host's KVM at most {max}",
+            desc.vcpus
+        ))
+        .into());
+    }
+    let kvm_err = |what: &'static str| move |source| VmmError::Kvm { what, source };
+    let vm = kvm.create_vm().map_err(kvm_err("create a VM to check CPU features"))?;
+    let vcpu = vm.create_vcpu(0).map_err(kvm_err("create a vCPU to check CPU features"))?;
+    let mut fresh = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("get supported CPUID"))?;
+    arch::cpuid::configure_cpuid(
+        &mut fresh,
+        &arch::cpuid::CpuTopology { cpu_index: 0, num_cpus: desc.vcpus },
+    )
+    .map_err(VmmError::Cpuid)?;
+    vcpu.set_cpuid2(&fresh).map_err(kvm_err("set CPUID"))?;
+    let here =
+        vcpu.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("read CPUID back"))?;
+    crate::snapshot::check_cpuid(0, cpuid, here.as_slice())?;
+    Ok(())
 }
 
 /// Writes a memory message into the destination's guest memory, checking it lies inside.
@@ -419,7 +485,12 @@ pub(crate) fn run_incoming(
     let link = from.accept()?;
     let mut input = BufReader::with_capacity(1 << 20, link.try_clone_link().map_err(lost)?);
     let mut out = BufWriter::new(link);
-    let desc = read_hello(&mut input)?;
+    let (desc, cpuid) = read_hello(&mut input)?;
+    if let Err(e) = check_cpu_here(&desc, &cpuid) {
+        let _ = send(&mut out, KIND_REFUSE, &[e.to_string().as_bytes()]);
+        let _ = out.flush();
+        return Err(SnapshotFailure::Migration(format!("refused the incoming VM: {e}")).into());
+    }
     if let Some(host) = host_memory().filter(|host| desc.memory > *host) {
         let why = format!(
             "the VM has {} MiB of memory, more than this host's {} MiB",

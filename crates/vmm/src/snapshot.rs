@@ -607,7 +607,7 @@ pub(crate) fn check_host(kvm: &Kvm) -> Result<(), SnapshotFailure> {
 }
 
 /// Fails naming the first CPU feature the snapshot's vCPU was shown and this host's is not.
-fn check_cpuid(
+pub(crate) fn check_cpuid(
     cpu: u8,
     saved: &[kvm_cpuid_entry2],
     here: &[kvm_cpuid_entry2],
@@ -712,6 +712,8 @@ pub(crate) struct Machine {
     /// (device, inode) of the memory file a restored VM's RAM maps.
     pub backing: Option<(u64, u64)>,
     pub tracking: Mutex<Tracking>,
+    /// The CPUID vCPU 0 shows the guest (KVM_GET_CPUID2 once configured).
+    pub cpuid0: Arc<Mutex<Option<Vec<kvm_cpuid_entry2>>>>,
 }
 
 /// Dirty-page logging and the last snapshot this process wrote, which an incremental snapshot

@@ -176,7 +176,7 @@ fn build_pci(
     Ok(root)
 }
 
-fn open_kvm() -> Result<Kvm, VmmError> {
+pub(crate) fn open_kvm() -> Result<Kvm, VmmError> {
     let path = std::env::var(KVM_DEVICE_ENV).unwrap_or_else(|_| "/dev/kvm".to_string());
     let c_path =
         CString::new(path.clone()).map_err(|_| VmmError::KvmMissing { path: path.clone() })?;
@@ -678,6 +678,7 @@ impl Vm {
             desc,
             backing,
             tracking: Default::default(),
+            cpuid0: Default::default(),
         });
         Ok(BuiltVm { vm, mem, pio, mmio, boot, cpuid, machine })
     }
@@ -786,6 +787,7 @@ impl Vm {
             let configured = configured_tx.clone();
             let verdict = verdict.clone();
             let saved = saved.clone();
+            let cpuid0 = (cpu == 0).then(|| machine.cpuid0.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{cpu}"))
                 .spawn(move || {
@@ -810,6 +812,12 @@ impl Vm {
                     // No vCPU runs before all are configured: a guest's INIT/SIPI must not
                     // reach a vCPU whose LAPIC is about to be overwritten.
                     let ok = result.is_ok();
+                    // What vCPU 0 shows the guest, for a migration's hello.
+                    if let (true, Some(slot)) = (ok, &cpuid0) {
+                        if let Ok(cpuid) = runner.vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES) {
+                            *devices::bus::lock(slot) = Some(cpuid.as_slice().to_vec());
+                        }
+                    }
                     let _ = configured.send(result);
                     let (lock, changed) = &*verdict;
                     let mut go = devices::bus::lock(lock);
