@@ -253,21 +253,7 @@ impl VmControl {
         incremental: bool,
     ) -> Result<SnapshotReport, SnapshotFailure> {
         let started = Instant::now();
-        let Some(machine) = lock(&self.inner).machine.clone() else {
-            return Err(ControlError::WrongState("starting", "try again").into());
-        };
-        // One snapshot at a time.
-        let _one = lock(&self.snapshotting);
-        let was_running = match lock(&self.inner).state {
-            RunState::Running => true,
-            RunState::Paused => false,
-            RunState::Starting => {
-                return Err(ControlError::WrongState("starting", "try again").into())
-            }
-            RunState::Stopping => {
-                return Err(ControlError::WrongState("stopping", "too late").into())
-            }
-        };
+        let (machine, _one, was_running) = self.begin_transfer()?;
         if was_running {
             self.pause()?;
         }
@@ -375,15 +361,13 @@ impl VmControl {
         f(&mut lock(&self.migration.progress));
     }
 
-    /// Moves the running VM to the VMM listening at `options.destination` (`vanguard vmm
-    /// --migrate-from`): pre-copy while the guest runs, then a stop-and-copy. On success this
-    /// VMM ends (its VM runs there); on any failure the guest runs on here.
-    pub fn migrate(&self, options: &MigrateOptions) -> Result<MigrationReport, SnapshotFailure> {
-        let started = Instant::now();
+    /// What a snapshot or a migration starts with: the VM's machine, the lock that lets one of
+    /// them run at a time, and whether the VM was running (rather than paused).
+    fn begin_transfer(&self) -> Result<(Arc<Machine>, MutexGuard<'_, ()>, bool), SnapshotFailure> {
         let Some(machine) = lock(&self.inner).machine.clone() else {
             return Err(ControlError::WrongState("starting", "try again").into());
         };
-        let _one = lock(&self.snapshotting);
+        let one = lock(&self.snapshotting);
         let was_running = match lock(&self.inner).state {
             RunState::Running => true,
             RunState::Paused => false,
@@ -394,6 +378,15 @@ impl VmControl {
                 return Err(ControlError::WrongState("stopping", "too late").into())
             }
         };
+        Ok((machine, one, was_running))
+    }
+
+    /// Moves the running VM to the VMM listening at `options.destination` (`vanguard vmm
+    /// --migrate-from`): pre-copy while the guest runs, then a stop-and-copy. On success this
+    /// VMM ends (its VM runs there); on any failure the guest runs on here.
+    pub fn migrate(&self, options: &MigrateOptions) -> Result<MigrationReport, SnapshotFailure> {
+        let started = Instant::now();
+        let (machine, _one, was_running) = self.begin_transfer()?;
         machine.check_supported()?;
         self.migration.cancel.store(false, Ordering::Release);
         self.set_progress(|p| {
