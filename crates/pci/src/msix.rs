@@ -242,6 +242,40 @@ impl Msix {
         }
     }
 
+    /// Every entry's message address, data and vector control, and its pending bit, for a
+    /// snapshot (enable and function mask live in the capability, in configuration space).
+    pub fn save(&self) -> Vec<(u64, u32, u32, bool)> {
+        let state = lock(&self.state);
+        state
+            .entries
+            .iter()
+            .zip(&state.pending)
+            .map(|(e, p)| (e.address, e.data, e.control, *p))
+            .collect()
+    }
+
+    /// Puts back what [`Msix::save`] wrote, then applies message control `control` (from the
+    /// restored capability): deliverable vectors are routed, pending ones delivered.
+    pub fn restore(&self, saved: &[(u64, u32, u32, bool)], control: u16) -> Result<(), String> {
+        {
+            let mut state = lock(&self.state);
+            if saved.len() != state.entries.len() {
+                return Err(format!(
+                    "the snapshot has {} MSI-X vectors, this function {}",
+                    saved.len(),
+                    state.entries.len()
+                ));
+            }
+            for (v, (address, data, control, pending)) in saved.iter().enumerate() {
+                state.entries[v] =
+                    Entry { address: *address, data: *data, control: control & VECTOR_MASKED };
+                state.pending[v] = *pending;
+            }
+        }
+        self.set_control(control);
+        Ok(())
+    }
+
     /// Back to the power-on state: disabled, every entry masked and cleared, nothing pending,
     /// no routes.
     pub fn reset(&self) {

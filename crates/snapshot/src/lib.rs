@@ -302,6 +302,11 @@ pub struct Decoder<'a> {
 }
 
 impl<'a> Decoder<'a> {
+    /// A decoder over `data`, a part of section `tag` (a nested record), naming it in errors.
+    pub fn new(tag: impl Into<String>, data: &'a [u8]) -> Self {
+        Decoder { tag: tag.into(), data, pos: 0 }
+    }
+
     /// An error about this section.
     pub fn malformed(&self, what: impl Into<String>) -> SnapshotError {
         SnapshotError::Malformed { tag: self.tag.clone(), what: what.into() }

@@ -296,24 +296,6 @@ fn damaged_or_refused_snapshots_give_clear_errors() {
     // The machine comes from the snapshot: options that describe one are refused.
     let out = common::run_args(["--restore", snap.to_str().unwrap(), "--cpus", "2"]).run();
     out.assert_code(2).assert_stderr_contains("--cpus");
-
-    // Virtio devices are not covered yet: refused, and the VM runs on.
-    let socket2 = dir.path().join("rng.sock");
-    let mut vm = common::guest(
-        "console=ttyS0 dirty=1M",
-        &["--rng", "--api-socket", socket2.to_str().unwrap()],
-    )
-    .spawn_interactive();
-    wait_for_step(&mut vm, 0);
-    let body = format!(r#"{{"destination":"{}"}}"#, dir.path().join("rng").display());
-    let (code, answer) = common::curl_unix(&socket2, "PUT", "/v1/vm/snapshot", Some(&body));
-    assert_eq!(code, 409, "{answer}");
-    assert!(answer.contains("virtio device"), "{answer}");
-    let (_, info) = common::curl_unix(&socket2, "GET", "/v1/vm", None);
-    assert_eq!(json(&info)["state"], "running", "{info}");
-    let seen = steps(&vm.stdout_so_far()).len();
-    wait_for_step(&mut vm, seen);
-    vm.kill_now();
 }
 
 /// The golden snapshots: `tests/golden/snapshot-v<N>/` hold a state file and the gzipped

@@ -391,6 +391,30 @@ impl VirtioDevice for Balloon {
         self.shared.actual_pages.store(0, Ordering::Release);
     }
 
+    /// The target and actual page counts, and the statistics buffer the device holds:
+    /// present u8, head u16.
+    fn save_state(&self) -> Vec<u8> {
+        let mut e = snapshot::Encoder::new();
+        e.u32(self.shared.target_pages.load(Ordering::Acquire));
+        e.u32(self.shared.actual_pages.load(Ordering::Acquire));
+        e.u8(u8::from(self.stats_head.is_some())).u16(self.stats_head.unwrap_or(0));
+        e.0
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), String> {
+        let mut d = snapshot::Decoder::new("virtio-balloon", state);
+        let err = |e: snapshot::SnapshotError| e.to_string();
+        let target = d.u32("target pages").map_err(err)?;
+        let actual = d.u32("actual pages").map_err(err)?;
+        let held = d.u8("statistics buffer held").map_err(err)? != 0;
+        let head = d.u16("statistics buffer").map_err(err)?;
+        d.finish().map_err(err)?;
+        self.shared.target_pages.store(target, Ordering::Release);
+        self.shared.actual_pages.store(actual, Ordering::Release);
+        self.stats_head = (held && head < QUEUE_SIZE).then_some(head);
+        Ok(())
+    }
+
     fn event_fds(&self) -> Vec<std::os::fd::RawFd> {
         vec![self.wake.as_raw_fd()]
     }

@@ -15,6 +15,7 @@ pub mod mmio;
 pub mod net;
 pub mod pci;
 pub mod rng;
+pub mod state;
 pub mod transport;
 pub mod vhost_user_blk;
 pub mod vsock;
@@ -113,6 +114,20 @@ pub trait VirtioDevice: Send {
     /// interrupt.
     fn config_changed(&mut self) -> bool {
         false
+    }
+    /// The device's own state for a snapshot, beyond what its configuration and the
+    /// transport's queues hold (most devices have none).
+    fn save_state(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Puts back what [`VirtioDevice::save_state`] wrote, into a device just built from the
+    /// same configuration (after `ack_features` with the negotiated features).
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), String> {
+        if state.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{} bytes of device state for a device that keeps none", state.len()))
+        }
     }
     /// A device whose queues run outside the VMM (a vhost-user backend) answers with its
     /// [`ExternalQueues`]: the transport then hands it the rings and eventfds at DRIVER_OK

@@ -153,6 +153,50 @@ impl MmioTransport {
     }
 }
 
+impl crate::state::TransportState for MmioTransport {
+    fn device_type(&self) -> u32 {
+        self.core.device_type()
+    }
+
+    fn external(&mut self) -> bool {
+        self.core.external()
+    }
+
+    fn quiesce(&mut self) {
+        self.core.quiesce();
+    }
+
+    fn resume(&mut self) {
+        self.core.resume();
+    }
+
+    fn save(&mut self) -> Result<Vec<u8>, String> {
+        let mut e = snapshot::Encoder::new();
+        self.core.save(&mut e);
+        e.u32(self.interrupt.status.load(Ordering::Acquire));
+        Ok(e.0)
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+        let mut d = snapshot::Decoder::new("virtio", state);
+        self.core.restore(&mut d)?;
+        let status = d.u32("interrupt status").map_err(|e| e.to_string())?;
+        d.finish().map_err(|e| e.to_string())?;
+        self.interrupt
+            .status
+            .store(status & (INT_USED_BUFFER | INT_CONFIG_CHANGE), Ordering::Release);
+        if status != 0 {
+            // The line is edge-triggered through an irqfd: raise it again for the driver.
+            let _ = self.interrupt.irq.trigger();
+        }
+        Ok(())
+    }
+
+    fn set_dirty_log(&mut self, dirty: Arc<crate::state::DirtyPages>) {
+        self.core.set_dirty_log(dirty);
+    }
+}
+
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG {

@@ -345,6 +345,84 @@ impl VirtioPci {
     }
 }
 
+impl crate::state::TransportState for VirtioPci {
+    fn device_type(&self) -> u32 {
+        self.core.device_type()
+    }
+
+    fn external(&mut self) -> bool {
+        self.core.external()
+    }
+
+    fn quiesce(&mut self) {
+        self.core.quiesce();
+    }
+
+    fn resume(&mut self) {
+        self.core.resume();
+    }
+
+    fn save(&mut self) -> Result<Vec<u8>, String> {
+        let mut e = snapshot::Encoder::new();
+        self.core.save(&mut e);
+        let i = &self.interrupt;
+        e.u8(i.isr.load(Ordering::Acquire)).u16(i.config_vector.load(Ordering::Acquire));
+        e.u32(u32::try_from(i.queue_vectors.len()).unwrap_or(0));
+        for v in &i.queue_vectors {
+            e.u16(v.load(Ordering::Acquire));
+        }
+        let table = i.msix.save();
+        e.u32(u32::try_from(table.len()).unwrap_or(0));
+        for (address, data, control, pending) in table {
+            e.u64(address).u32(data).u32(control).u8(u8::from(pending));
+        }
+        Ok(e.0)
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+        let mut d = snapshot::Decoder::new("virtio", state);
+        let err = |e: snapshot::SnapshotError| e.to_string();
+        // The notifiers go where the restored BAR 0 is before the worker can start.
+        self.register_notifiers();
+        self.core.restore(&mut d)?;
+        let isr = d.u8("ISR").map_err(err)?;
+        let config_vector = d.u16("configuration vector").map_err(err)?;
+        let n = d.count(2, "queue vectors").map_err(err)?;
+        if n != self.interrupt.queue_vectors.len() {
+            return Err(format!(
+                "the snapshot has {n} queue vectors, this function {}",
+                self.interrupt.queue_vectors.len()
+            ));
+        }
+        let mut vectors = Vec::with_capacity(n);
+        for _ in 0..n {
+            vectors.push(self.valid_vector(d.u16("queue vector").map_err(err)?));
+        }
+        let n = d.count(17, "MSI-X vectors").map_err(err)?;
+        let mut table = Vec::with_capacity(n);
+        for _ in 0..n {
+            table.push((
+                d.u64("MSI-X address").map_err(err)?,
+                d.u32("MSI-X data").map_err(err)?,
+                d.u32("MSI-X vector control").map_err(err)?,
+                d.u8("MSI-X pending bit").map_err(err)? != 0,
+            ));
+        }
+        d.finish().map_err(err)?;
+        let i = &self.interrupt;
+        i.isr.store(isr, Ordering::Release);
+        i.config_vector.store(self.valid_vector(config_vector), Ordering::Release);
+        for (slot, v) in i.queue_vectors.iter().zip(vectors) {
+            slot.store(v, Ordering::Release);
+        }
+        i.msix.restore(&table, self.config.u16_at(self.msix_cap + 2))
+    }
+
+    fn set_dirty_log(&mut self, dirty: Arc<crate::state::DirtyPages>) {
+        self.core.set_dirty_log(dirty);
+    }
+}
+
 impl PciDevice for VirtioPci {
     fn config(&self) -> &ConfigSpace {
         &self.config

@@ -14,12 +14,14 @@
 //! device cannot serve yet (a readable TAP with no receive buffers) does not wake it in a
 //! loop; when one fires it calls [`VirtioDevice::event_ready`] and serves every queue.
 
+use crate::state::DirtyPages;
 use crate::{status, QueueSetup, VirtioDevice, VIRTIO_F_VERSION_1};
 use devices::bus::lock;
+use snapshot::{Decoder, Encoder};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use virtio_queue::{Queue, QueueT};
+use std::sync::{Arc, Mutex, OnceLock};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -54,6 +56,8 @@ struct Shared {
 struct Signals {
     interrupt: Arc<dyn Interrupt>,
     needs_reset: AtomicBool,
+    /// Where the guest pages the device writes are marked (snapshots, migration).
+    dirty: OnceLock<Arc<DirtyPages>>,
 }
 
 /// Serves one queue notification: the device processes the queue, then the driver is told.
@@ -64,7 +68,12 @@ fn serve(shared: &Mutex<Shared>, signals: &Signals, mem: &GuestMemoryMmap, index
     if !queue.ready() || signals.needs_reset.load(Ordering::Acquire) {
         return;
     }
-    match device.process_queue(mem, index, queue) {
+    let used_before = queue.next_used();
+    let result = device.process_queue(mem, index, queue);
+    if let Some(dirty) = signals.dirty.get().filter(|d| d.enabled()) {
+        crate::state::mark_used(dirty, mem, queue, used_before);
+    }
+    match result {
         Ok(true) => signals.interrupt.queue(index),
         Ok(false) => {}
         Err(_) => {
@@ -149,6 +158,13 @@ fn worker_loop(
     fds.extend(events.iter().map(|fd| libc::pollfd { fd: *fd, events: libc::POLLIN, revents: 0 }));
     let queue_count = notifiers.len();
     let first_event = queue_count + 1;
+    // A notification may have come while no worker ran (before a quiesce, or in the source
+    // VM of a restore): every queue is served once before the first wait.
+    for index in 0..queue_count {
+        if let Ok(index) = u16::try_from(index) {
+            serve(&shared, &signals, &mem, index);
+        }
+    }
     loop {
         if !events.is_empty() {
             // poll(2) skips negative descriptors: that is how an event the device cannot
@@ -263,7 +279,11 @@ impl VirtioCore {
         let queues = fresh_queues(device.as_ref());
         Self {
             shared: Arc::new(Mutex::new(Shared { device, queues })),
-            signals: Arc::new(Signals { interrupt, needs_reset: AtomicBool::new(false) }),
+            signals: Arc::new(Signals {
+                interrupt,
+                needs_reset: AtomicBool::new(false),
+                dirty: OnceLock::new(),
+            }),
             mem,
             registrar: None,
             notify_addresses: Vec::new(),
@@ -490,6 +510,113 @@ impl VirtioCore {
         if let Ok(index) = u16::try_from(index) {
             serve(&self.shared, &self.signals, &self.mem, index);
         }
+    }
+
+    /// Whether the device's queues run in another process.
+    pub fn external(&self) -> bool {
+        lock(&self.shared).device.external_queues().is_some()
+    }
+
+    /// Marks the guest pages the device writes in `dirty` from now on (once; later calls
+    /// are ignored).
+    pub fn set_dirty_log(&self, dirty: Arc<DirtyPages>) {
+        let _ = self.signals.dirty.set(dirty);
+    }
+
+    /// Stops the worker, so that no queue is served until [`VirtioCore::resume`].
+    pub fn quiesce(&mut self) {
+        if !self.external() {
+            self.stop_worker();
+        }
+    }
+
+    /// Starts the worker again if the driver runs the device.
+    pub fn resume(&mut self) {
+        if self.worker.is_none() && self.status & status::DRIVER_OK != 0 {
+            self.start_worker();
+        }
+    }
+
+    /// Writes the driver-visible state, every queue's and the device's own (quiesced).
+    pub fn save(&self, e: &mut Encoder) {
+        let shared = lock(&self.shared);
+        e.u32(self.status).u64(self.driver_features);
+        e.u32(self.device_features_select).u32(self.driver_features_select);
+        e.u32(self.queue_select).u32(self.config_generation);
+        e.u8(u8::from(self.bad_queue_config));
+        e.u8(u8::from(self.signals.needs_reset.load(Ordering::Acquire)));
+        e.u32(u32::try_from(shared.queues.len()).unwrap_or(0));
+        for q in &shared.queues {
+            crate::state::encode_queue(e, &q.state());
+        }
+        e.bytes(&shared.device.save_state());
+    }
+
+    /// Puts back what [`VirtioCore::save`] wrote, into a device fresh from its configuration;
+    /// the worker is started by [`VirtioCore::resume`]. Everything the bytes say is checked
+    /// as if the driver had written it: a queue the device does not have, a size above its
+    /// maximum, rings outside guest memory or features it does not offer are refused.
+    pub fn restore(&mut self, d: &mut Decoder<'_>) -> Result<(), String> {
+        let e = |e: snapshot::SnapshotError| e.to_string();
+        let status = d.u32("device status").map_err(e)?;
+        let driver_features = d.u64("driver features").map_err(e)?;
+        let device_features_select = d.u32("device features select").map_err(e)?;
+        let driver_features_select = d.u32("driver features select").map_err(e)?;
+        let queue_select = d.u32("queue select").map_err(e)?;
+        let config_generation = d.u32("configuration generation").map_err(e)?;
+        let bad_queue_config = d.u8("bad queue flag").map_err(e)? != 0;
+        let needs_reset = d.u8("needs-reset flag").map_err(e)? != 0;
+        let n = d.count(30, "queues").map_err(e)?;
+        let mut states: Vec<QueueState> = Vec::with_capacity(n);
+        for _ in 0..n {
+            states.push(crate::state::decode_queue(d).map_err(e)?);
+        }
+        let device_state = d.bytes("device state").map_err(e)?;
+        let mut shared = lock(&self.shared);
+        let maxima = shared.device.queue_max_sizes().to_vec();
+        if states.len() != maxima.len() {
+            return Err(format!(
+                "the snapshot has {} queues, this device {}",
+                states.len(),
+                maxima.len()
+            ));
+        }
+        let mut queues = Vec::with_capacity(n);
+        for (i, (state, max)) in states.iter().zip(&maxima).enumerate() {
+            if state.max_size != *max {
+                return Err(format!(
+                    "queue {i}: its maximum size was {}, this device's is {max}",
+                    state.max_size
+                ));
+            }
+            let queue = Queue::try_from(*state).map_err(|err| format!("queue {i}: {err}"))?;
+            if status & status::DRIVER_OK != 0 && queue.ready() && !queue.is_valid(&self.mem) {
+                return Err(format!("queue {i}: its rings are not in guest memory"));
+            }
+            queues.push(queue);
+        }
+        let offered = shared.device.features();
+        if driver_features & !offered != 0 {
+            return Err(format!(
+                "the driver took features {:#x} this device does not offer",
+                driver_features & !offered
+            ));
+        }
+        if status & status::FEATURES_OK != 0 {
+            shared.device.ack_features(driver_features);
+        }
+        shared.device.restore_state(device_state)?;
+        shared.queues = queues;
+        drop(shared);
+        self.status = status;
+        self.driver_features = driver_features;
+        self.device_features_select = device_features_select;
+        self.driver_features_select = driver_features_select;
+        self.queue_select = queue_select;
+        self.config_generation = config_generation;
+        self.bad_queue_config = bad_queue_config;
+        self.signals.needs_reset.store(needs_reset, Ordering::Release);
+        Ok(())
     }
 
     fn reset(&mut self) {

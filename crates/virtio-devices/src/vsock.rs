@@ -36,7 +36,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -317,6 +317,9 @@ pub struct Vsock {
     /// Where packets are assembled: a header and the largest payload, allocated once.
     scratch: Box<[u8]>,
     stats: VsockStats,
+    /// Restored from a snapshot: the driver is told, on the event queue, that every
+    /// connection it had is gone (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET).
+    transport_reset: bool,
 }
 
 /// Checks the socket path: free, or a stale socket (nobody accepts on it, removed here).
@@ -416,6 +419,7 @@ impl Vsock {
             control: VecDeque::new(),
             scratch: vec![0u8; HEADER_LEN + MAX_PAYLOAD].into_boxed_slice(),
             stats: VsockStats::default(),
+            transport_reset: false,
         })
     }
 
@@ -1027,7 +1031,30 @@ impl VirtioDevice for Vsock {
         match index {
             RX_QUEUE => self.process_rx(mem, queue),
             TX_QUEUE => self.process_tx(mem, queue),
-            // Nothing is ever sent on the event queue: its buffers stay with the device.
+            // Only a transport reset after a restore is ever sent on the event queue; its
+            // buffers otherwise stay with the device.
+            EVENT_QUEUE if self.transport_reset => {
+                let mut sent = false;
+                let used = crate::drain_queue(mem, index, queue, |chain| {
+                    if sent {
+                        return None;
+                    }
+                    let memory = chain.memory();
+                    // struct virtio_vsock_event: u32 id, 0 = TRANSPORT_RESET.
+                    let written = chain
+                        .clone()
+                        .writable()
+                        .next()
+                        .filter(|d| d.len() >= 4 && memory.write_obj(0u32, d.addr()).is_ok())
+                        .map_or(0, |_| 4);
+                    sent = true;
+                    Some(written)
+                })?;
+                if sent {
+                    self.transport_reset = false;
+                }
+                Ok(used)
+            }
             _ => Ok(false),
         }
     }
@@ -1042,6 +1069,16 @@ impl VirtioDevice for Vsock {
 
     fn event_fds(&self) -> Vec<RawFd> {
         vec![self.epoll.as_raw_fd()]
+    }
+
+    /// Connections do not survive a snapshot (their host sockets stay with the old process):
+    /// the restored device starts with none and tells the driver so.
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), String> {
+        if !state.is_empty() {
+            return Err(format!("{} bytes of virtio-vsock state; version 1 has none", state.len()));
+        }
+        self.transport_reset = true;
+        Ok(())
     }
 
     fn event_ready(&mut self, _which: usize) {

@@ -258,7 +258,9 @@ impl VmControl {
             self.pause()?;
         }
         let stopped = Instant::now();
+        machine.quiesce_devices();
         let result = self.capture_vcpus().and_then(|vcpus| machine.write(dir, incremental, &vcpus));
+        machine.resume_devices();
         let downtime = if was_running {
             // A VM that stops meanwhile cannot be resumed; the snapshot's result still stands.
             let _ = self.resume();
@@ -407,8 +409,9 @@ impl VmControl {
                 self.migration.moved.store(true, Ordering::Release);
             }
             Err(e) => {
+                // The guest goes on here; a VM that stopped meanwhile stays stopped.
+                machine.resume_devices();
                 if was_running {
-                    // The guest goes on here; a VM that stopped meanwhile stays stopped.
                     let _ = self.resume();
                 }
                 let cancelled = self.migration.cancel.load(Ordering::Acquire);
@@ -546,6 +549,8 @@ impl VmControl {
         if was_running {
             self.pause()?;
         }
+        // The devices finish what they were doing; their last writes are in the log below.
+        machine.quiesce_devices();
         for (all, last) in pending.iter_mut().zip(machine.dirty_bitmaps()?) {
             for (a, l) in all.iter_mut().zip(last) {
                 *a |= l;

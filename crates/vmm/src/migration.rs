@@ -6,7 +6,7 @@
 //!
 //! | kind | direction | payload |
 //! |---|---|---|
-//! | `H` hello | source → destination | `VGMIGR01`, then the `machine` section payload |
+//! | `H` hello | source → destination | `VGMIGR02`, then the `machine` section payload |
 //! | `A` accept / `R` refuse | destination → source | empty / a UTF-8 reason |
 //! | `M` memory | source → destination | u64 offset in the memory file layout, then whole pages |
 //! | `S` state | source → destination | a complete state file (docs/snapshot.md) |
@@ -27,7 +27,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-const HELLO_MAGIC: &[u8; 8] = b"VGMIGR01";
+/// The hello's magic: `VGMIGR02` carries a version 2 `machine` section (with virtio
+/// devices); `VGMIGR01`, from older sources, a version 1 one.
+const HELLO_MAGIC: &[u8; 8] = b"VGMIGR02";
+const HELLO_MAGIC_V1: &[u8; 8] = b"VGMIGR01";
 pub(crate) const KIND_HELLO: u8 = b'H';
 pub(crate) const KIND_ACCEPT: u8 = b'A';
 pub(crate) const KIND_REFUSE: u8 = b'R';
@@ -338,11 +341,15 @@ pub(crate) fn read_hello(
     input: &mut BufReader<Box<dyn Link>>,
 ) -> Result<(MachineDesc, Vec<kvm_bindings::kvm_cpuid_entry2>), SnapshotFailure> {
     let (kind, payload) = receive(input)?;
-    if kind != KIND_HELLO || payload.len() < 8 || &payload[..8] != HELLO_MAGIC {
-        return Err(SnapshotFailure::Migration(
-            "the peer is not a Vanguard migration source (no hello)".into(),
-        ));
-    }
+    let machine_version = match payload.get(..8) {
+        Some(m) if kind == KIND_HELLO && m == HELLO_MAGIC => crate::snapshot::MACHINE_VERSION,
+        Some(m) if kind == KIND_HELLO && m == HELLO_MAGIC_V1 => 1,
+        _ => {
+            return Err(SnapshotFailure::Migration(
+                "the peer is not a Vanguard migration source (no hello)".into(),
+            ))
+        }
+    };
     let bad = |e: snapshot::SnapshotError| SnapshotFailure::Migration(format!("hello: {e}"));
     let hello = snapshot::Section {
         tag: "hello".into(),
@@ -353,7 +360,7 @@ pub(crate) fn read_hello(
     let mut d = hello.decoder();
     let machine = snapshot::Section {
         tag: "machine".into(),
-        version: 1,
+        version: machine_version,
         flags: snapshot::FLAG_REQUIRED,
         payload: d.bytes("machine").map_err(bad)?,
     };
@@ -487,6 +494,13 @@ pub(crate) fn run_incoming(
     let mut out = BufWriter::new(link);
     let (desc, cpuid) = read_hello(&mut input)?;
     if let Err(e) = check_cpu_here(&desc, &cpuid) {
+        let _ = send(&mut out, KIND_REFUSE, &[e.to_string().as_bytes()]);
+        let _ = out.flush();
+        return Err(SnapshotFailure::Migration(format!("refused the incoming VM: {e}")).into());
+    }
+    let devices: Result<(), SnapshotFailure> =
+        desc.virtio.iter().enumerate().try_for_each(|(i, d)| d.check_here(i));
+    if let Err(e) = devices {
         let _ = send(&mut out, KIND_REFUSE, &[e.to_string().as_bytes()]);
         let _ = out.flush();
         return Err(SnapshotFailure::Migration(format!("refused the incoming VM: {e}")).into());

@@ -42,10 +42,22 @@ const SERIAL: &str = "serial";
 const I8042: &str = "i8042";
 const ACPI_PM: &str = "acpi-pm";
 const PCI: &str = "pci";
+const VIRTIO: &str = "virtio";
+
+/// The version of the `machine` section this Vanguard writes (2: with virtio devices).
+pub(crate) const MACHINE_VERSION: u16 = 2;
 
 /// Every section this Vanguard reads, with the newest version it reads (and writes).
-const KNOWN: &[(&str, u16)] =
-    &[(MACHINE, 1), (VCPU, 1), (KVM_VM, 1), (SERIAL, 1), (I8042, 1), (ACPI_PM, 1), (PCI, 1)];
+const KNOWN: &[(&str, u16)] = &[
+    (MACHINE, MACHINE_VERSION),
+    (VCPU, 1),
+    (KVM_VM, 1),
+    (SERIAL, 1),
+    (I8042, 1),
+    (ACPI_PM, 1),
+    (PCI, 1),
+    (VIRTIO, 1),
+];
 
 /// Why a snapshot or a restore failed.
 #[derive(Debug, thiserror::Error)]
@@ -337,6 +349,253 @@ pub(crate) struct RamRange {
     pub file_offset: u64,
 }
 
+/// A virtio device as its configuration describes it: what a new process builds before the
+/// device's state goes in. Disks are referenced by path, not copied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum VirtioDesc {
+    /// A virtio-blk disk on a raw image, `size` bytes long when the VM was saved.
+    Disk {
+        path: PathBuf,
+        size: u64,
+        read_only: bool,
+        direct: bool,
+        serial: String,
+        rate_limit: Option<String>,
+    },
+    /// A virtio-net device on a TAP.
+    Net { tap: String, mac: [u8; 6], rate_limit: Option<String> },
+    /// A virtio-rng device.
+    Rng,
+    /// A virtio-vsock device listening on `socket`.
+    Vsock { cid: u64, socket: PathBuf },
+    /// A virtio-balloon device (its current target is in its state).
+    Balloon { target: u64, deflate_on_oom: bool },
+}
+
+impl VirtioDesc {
+    /// The devices `config` gives the guest, in the order it numbers them (the order
+    /// `Vm::build` creates them in).
+    pub(crate) fn from_config(config: &crate::config::VmConfig) -> Result<Vec<Self>, String> {
+        let mut out = Vec::new();
+        let text = |p: &Path| {
+            p.to_str().map(str::to_string).ok_or_else(|| format!("{} is not UTF-8", p.display()))
+        };
+        for disk in &config.disks {
+            if let Some(socket) = &disk.vhost_user {
+                return Err(format!(
+                    "a disk is served by the vhost-user backend at {}, which holds its rings",
+                    socket.display()
+                ));
+            }
+            let size = std::fs::metadata(&disk.path)
+                .map_err(|e| format!("{}: {e}", disk.path.display()))?
+                .len();
+            out.push(VirtioDesc::Disk {
+                path: PathBuf::from(text(&disk.path)?),
+                size,
+                read_only: disk.read_only,
+                direct: disk.direct,
+                serial: disk.serial.clone(),
+                rate_limit: disk.rate_limit.as_ref().map(ToString::to_string),
+            });
+        }
+        for (index, net) in config.nets.iter().enumerate() {
+            out.push(VirtioDesc::Net {
+                tap: net.tap.clone(),
+                mac: net.mac.unwrap_or_else(|| crate::config::NetConfig::default_mac(index)),
+                rate_limit: net.rate_limit.as_ref().map(ToString::to_string),
+            });
+        }
+        if config.rng {
+            out.push(VirtioDesc::Rng);
+        }
+        if let Some(vsock) = &config.vsock {
+            out.push(VirtioDesc::Vsock {
+                cid: vsock.cid,
+                socket: PathBuf::from(text(&vsock.socket)?),
+            });
+        }
+        if let Some(balloon) = &config.balloon {
+            out.push(VirtioDesc::Balloon {
+                target: balloon.target,
+                deflate_on_oom: balloon.deflate_on_oom,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Puts `devices` into `config`, as the command line would have.
+    pub(crate) fn apply(
+        devices: &[Self],
+        config: &mut crate::config::VmConfig,
+    ) -> Result<(), String> {
+        let limit = |r: &Option<String>| -> Result<_, String> {
+            r.as_deref()
+                .map(|s| s.parse::<rate_limiter::RateLimiterConfig>())
+                .transpose()
+                .map_err(|e| format!("a rate limit: {e}"))
+        };
+        for device in devices {
+            match device {
+                VirtioDesc::Disk { path, read_only, direct, serial, rate_limit, .. } => {
+                    config.disks.push(crate::config::DiskConfig {
+                        path: path.clone(),
+                        read_only: *read_only,
+                        serial: serial.clone(),
+                        rate_limit: limit(rate_limit)?,
+                        direct: *direct,
+                        vhost_user: None,
+                    })
+                }
+                VirtioDesc::Net { tap, mac, rate_limit } => {
+                    config.nets.push(crate::config::NetConfig {
+                        tap: tap.clone(),
+                        mac: Some(*mac),
+                        rate_limit: limit(rate_limit)?,
+                    })
+                }
+                VirtioDesc::Rng => config.rng = true,
+                VirtioDesc::Vsock { cid, socket } => {
+                    config.vsock =
+                        Some(crate::config::VsockConfig { cid: *cid, socket: socket.clone() })
+                }
+                VirtioDesc::Balloon { target, deflate_on_oom } => {
+                    config.balloon = Some(crate::config::BalloonConfig {
+                        target: *target,
+                        deflate_on_oom: *deflate_on_oom,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether this host can give the guest this device back: a disk's image must be there,
+    /// as long as it was; a vsock socket must not be in use by another process.
+    pub(crate) fn check_here(&self, index: usize) -> Result<(), SnapshotFailure> {
+        match self {
+            VirtioDesc::Disk { path, size, .. } => {
+                let meta = std::fs::metadata(path).map_err(|e| {
+                    SnapshotFailure::Incompatible(format!(
+                        "virtio device {index}: the disk image {} is not reachable here: {e}",
+                        path.display()
+                    ))
+                })?;
+                if meta.len() != *size {
+                    return Err(SnapshotFailure::Incompatible(format!(
+                        "virtio device {index}: the disk image {} is {} bytes, it was {size} \
+                         when the VM was saved",
+                        path.display(),
+                        meta.len()
+                    )));
+                }
+                Ok(())
+            }
+            VirtioDesc::Vsock { socket, .. } => {
+                if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+                    return Err(SnapshotFailure::Incompatible(format!(
+                        "virtio device {index}: the vsock socket {} is in use here",
+                        socket.display()
+                    )));
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn encode(&self, e: &mut Encoder) {
+        let opt = |e: &mut Encoder, v: &Option<String>| {
+            e.str(v.as_deref().unwrap_or(""));
+        };
+        match self {
+            VirtioDesc::Disk { path, size, read_only, direct, serial, rate_limit } => {
+                e.u8(1).str(&path.to_string_lossy()).u64(*size);
+                e.u8(u8::from(*read_only)).u8(u8::from(*direct)).str(serial);
+                opt(e, rate_limit);
+            }
+            VirtioDesc::Net { tap, mac, rate_limit } => {
+                e.u8(2).str(tap).bytes(mac);
+                opt(e, rate_limit);
+            }
+            VirtioDesc::Rng => {
+                e.u8(3);
+            }
+            VirtioDesc::Vsock { cid, socket } => {
+                e.u8(4).u64(*cid).str(&socket.to_string_lossy());
+            }
+            VirtioDesc::Balloon { target, deflate_on_oom } => {
+                e.u8(5).u64(*target).u8(u8::from(*deflate_on_oom));
+            }
+        }
+    }
+
+    fn decode(d: &mut Decoder<'_>) -> Result<Self, SnapshotError> {
+        let flag = |d: &mut Decoder<'_>, what: &str| -> Result<bool, SnapshotError> {
+            match d.u8(what)? {
+                0 => Ok(false),
+                1 => Ok(true),
+                v => Err(d.malformed(format!("{what} is {v}, not 0 or 1"))),
+            }
+        };
+        let opt = |d: &mut Decoder<'_>, what: &str| -> Result<Option<String>, SnapshotError> {
+            let v = d.str(what)?;
+            Ok((!v.is_empty()).then(|| v.to_string()))
+        };
+        Ok(match d.u8("virtio device kind")? {
+            1 => VirtioDesc::Disk {
+                path: PathBuf::from(d.str("disk path")?),
+                size: d.u64("disk size")?,
+                read_only: flag(d, "disk read-only flag")?,
+                direct: flag(d, "disk O_DIRECT flag")?,
+                serial: d.str("disk serial")?.to_string(),
+                rate_limit: opt(d, "disk rate limit")?,
+            },
+            2 => VirtioDesc::Net {
+                tap: d.str("TAP name")?.to_string(),
+                mac: {
+                    let raw = d.bytes("MAC address")?;
+                    <[u8; 6]>::try_from(raw)
+                        .map_err(|_| d.malformed(format!("a MAC address of {} bytes", raw.len())))?
+                },
+                rate_limit: opt(d, "net rate limit")?,
+            },
+            3 => VirtioDesc::Rng,
+            4 => VirtioDesc::Vsock {
+                cid: d.u64("vsock CID")?,
+                socket: PathBuf::from(d.str("vsock socket")?),
+            },
+            5 => VirtioDesc::Balloon {
+                target: d.u64("balloon target")?,
+                deflate_on_oom: flag(d, "balloon deflate-on-OOM flag")?,
+            },
+            k => return Err(d.malformed(format!("virtio device kind {k}"))),
+        })
+    }
+
+    /// The virtio device ID.
+    pub(crate) fn device_type(&self) -> u32 {
+        match self {
+            VirtioDesc::Disk { .. } => 2,
+            VirtioDesc::Net { .. } => 1,
+            VirtioDesc::Rng => 4,
+            VirtioDesc::Vsock { .. } => 19,
+            VirtioDesc::Balloon { .. } => 5,
+        }
+    }
+
+    /// Where the kind comes in the guest's numbering (disks, nets, rng, vsock, balloon).
+    fn rank(&self) -> u8 {
+        match self {
+            VirtioDesc::Disk { .. } => 1,
+            VirtioDesc::Net { .. } => 2,
+            VirtioDesc::Rng => 3,
+            VirtioDesc::Vsock { .. } => 4,
+            VirtioDesc::Balloon { .. } => 5,
+        }
+    }
+}
+
 /// The `machine` section: what a new process must build before putting state into it.
 #[derive(Debug, Clone)]
 pub(crate) struct MachineDesc {
@@ -349,6 +608,8 @@ pub(crate) struct MachineDesc {
     pub generation: u64,
     pub ranges: Vec<RamRange>,
     pub memory_file_len: u64,
+    /// The virtio devices, in the guest's order.
+    pub virtio: Vec<VirtioDesc>,
 }
 
 pub(crate) fn encode_machine(m: &MachineDesc) -> Encoder {
@@ -361,11 +622,14 @@ pub(crate) fn encode_machine(m: &MachineDesc) -> Encoder {
         e.u64(r.guest).u64(r.len).u64(r.file_offset);
     }
     e.str(MEMORY_FILE).u64(m.memory_file_len);
-    // Virtio devices: none in version 1.
-    e.u32(0);
+    e.u32(u32::try_from(m.virtio.len()).unwrap_or(0));
+    for device in &m.virtio {
+        device.encode(&mut e);
+    }
     e
 }
 
+/// Reads a `machine` section of any version (1 has no virtio devices).
 pub(crate) fn decode_machine(section: &Section<'_>) -> Result<MachineDesc, SnapshotError> {
     let mut d = section.decoder();
     let vcpus = d.u32("vCPU count")?;
@@ -402,9 +666,26 @@ pub(crate) fn decode_machine(section: &Section<'_>) -> Result<MachineDesc, Snaps
         return Err(d.malformed(format!("memory file `{file}`, expected `{MEMORY_FILE}`")));
     }
     let memory_file_len = d.u64("memory file length")?;
-    let virtio = d.u32("virtio device count")?;
-    if virtio != 0 {
-        return Err(d.malformed(format!("{virtio} virtio devices (version 1 has none)")));
+    let mut virtio = Vec::new();
+    if section.version == 1 {
+        let count = d.u32("virtio device count")?;
+        if count != 0 {
+            return Err(d.malformed(format!("{count} virtio devices (version 1 has none)")));
+        }
+    } else {
+        let n = d.count(1, "virtio devices")?;
+        for _ in 0..n {
+            let device = VirtioDesc::decode(&mut d)?;
+            let last = virtio.last().map_or(0, VirtioDesc::rank);
+            let single = matches!(
+                device,
+                VirtioDesc::Rng | VirtioDesc::Vsock { .. } | VirtioDesc::Balloon { .. }
+            );
+            if device.rank() < last || (single && device.rank() == last) {
+                return Err(d.malformed("virtio devices out of order, or a single device twice"));
+            }
+            virtio.push(device);
+        }
     }
     d.finish()?;
     let bad = |what: String| SnapshotError::Malformed { tag: MACHINE.into(), what };
@@ -434,6 +715,7 @@ pub(crate) fn decode_machine(section: &Section<'_>) -> Result<MachineDesc, Snaps
         generation,
         ranges,
         memory_file_len,
+        virtio,
     })
 }
 
@@ -448,6 +730,8 @@ pub(crate) struct DeviceStates {
     pub acpi_pm: [u16; 3],
     /// CONFIG_ADDRESS and each PCI function's configuration space (PCI transport only).
     pub pci: Option<(u32, PciFunctions)>,
+    /// Each virtio device's transport and device state, in the guest's order.
+    pub virtio: Vec<Vec<u8>>,
 }
 
 fn opt_u8(e: &mut Encoder, v: Option<u8>) {
@@ -590,7 +874,39 @@ pub(crate) fn parse_state(
                 what: "present without the PCI transport, or missing with it".into(),
             }));
         }
-        DeviceStates { serial, i8042, acpi_pm, pci }
+        let mut virtio: Vec<Option<Vec<u8>>> = vec![None; machine.virtio.len()];
+        for section in snap.all(VIRTIO) {
+            let mut d = section.decoder();
+            let index = d.u32("virtio device index").map_err(format)?;
+            let kind = d.u32("virtio device type").map_err(format)?;
+            let state = d.bytes("virtio device state").map_err(format)?.to_vec();
+            d.finish().map_err(format)?;
+            let slot = usize::try_from(index).ok().and_then(|i| virtio.get_mut(i));
+            let expected = usize::try_from(index)
+                .ok()
+                .and_then(|i| machine.virtio.get(i))
+                .map(VirtioDesc::device_type);
+            match slot {
+                Some(slot @ None) if expected == Some(kind) => *slot = Some(state),
+                _ => {
+                    return Err(format(SnapshotError::Malformed {
+                        tag: VIRTIO.into(),
+                        what: format!(
+                            "virtio device {index} (type {kind}) is not in the machine \
+                             section, or appears twice"
+                        ),
+                    }))
+                }
+            }
+        }
+        let virtio = virtio
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.ok_or_else(|| format(SnapshotError::Missing { tag: format!("virtio {i}") }))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        DeviceStates { serial, i8042, acpi_pm, pci, virtio }
     };
     Ok(Restored { dir: dir.to_path_buf(), memory: None, machine, vcpus, kvm_vm, devices })
 }
@@ -706,8 +1022,13 @@ pub(crate) struct Machine {
     pub i8042: Arc<Mutex<devices::legacy::I8042>>,
     pub power: Arc<Mutex<devices::legacy::AcpiPm>>,
     pub pci: Option<(Arc<pci::PciRoot>, Arc<Mutex<pci::root::ConfigIo>>)>,
-    /// Virtio devices, which version 1 snapshots do not cover.
-    pub virtio_devices: usize,
+    /// Each virtio device's transport, in the guest's order (as `desc.virtio`).
+    pub transports: Vec<Arc<Mutex<dyn virtio_devices::state::TransportState>>>,
+    /// Guest pages the virtio devices wrote (KVM's dirty log has only the vCPUs' writes).
+    pub device_dirty: Arc<virtio_devices::state::DirtyPages>,
+    /// Why this VM cannot be snapshotted, if it cannot (a vhost-user disk, a path that is
+    /// not UTF-8).
+    pub unsupported: Option<String>,
     pub desc: MachineDesc,
     /// (device, inode) of the memory file a restored VM's RAM maps.
     pub backing: Option<(u64, u64)>,
@@ -751,8 +1072,8 @@ impl Machine {
         let host = region.get_host_address(vm_memory::MemoryRegionAddress(0)).ok()?;
         let len = usize::try_from(region.len()).ok()?;
         // SAFETY: the region is mapped for as long as `self.mem` lives (borrowed by the
-        // returned slice). Every vCPU is parked and the VM has no virtio device (checked by
-        // `write`), so nothing writes guest memory while the slice is read.
+        // returned slice). Every vCPU is parked and every virtio device quiesced
+        // (`quiesce_devices`), so nothing writes guest memory while the slice is read.
         Some(unsafe { std::slice::from_raw_parts(host, len) })
     }
 
@@ -773,21 +1094,45 @@ impl Machine {
     /// A state file of the paused VM (its vCPUs' state already captured).
     pub(crate) fn state_bytes(&self, vcpus: &[VcpuState]) -> Result<Vec<u8>, SnapshotFailure> {
         let kvm_vm = capture_kvm_vm(&self.vm)?;
-        let devices = self.devices();
+        let devices = self.devices()?;
         self.state_file(self.desc.generation, vcpus, &kvm_vm, &devices).map_err(|source| {
             SnapshotFailure::Format { path: PathBuf::from("(migration state)"), source }
         })
     }
 
-    /// Fails for what a snapshot or migration cannot carry yet.
+    /// Fails for what a snapshot or migration cannot carry.
     pub(crate) fn check_supported(&self) -> Result<(), SnapshotFailure> {
-        if self.virtio_devices > 0 {
-            return Err(SnapshotFailure::Unsupported(format!(
-                "it has {} virtio device(s); snapshots do not cover virtio devices yet",
-                self.virtio_devices
-            )));
+        match &self.unsupported {
+            Some(why) => Err(SnapshotFailure::Unsupported(why.clone())),
+            None => Ok(()),
         }
-        Ok(())
+    }
+
+    /// Stops every virtio device's worker (the vCPUs are parked): from here until
+    /// [`Machine::resume_devices`] nothing but this thread touches guest memory or the rings.
+    pub(crate) fn quiesce_devices(&self) {
+        for t in &self.transports {
+            devices::bus::lock(t).quiesce();
+        }
+    }
+
+    /// Lets the virtio devices run again.
+    pub(crate) fn resume_devices(&self) {
+        for t in &self.transports {
+            devices::bus::lock(t).resume();
+        }
+    }
+
+    fn virtio_states(&self) -> Result<Vec<Vec<u8>>, SnapshotFailure> {
+        self.transports
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                devices::bus::lock(t).save().map_err(|e| {
+                    SnapshotFailure::Unsupported(format!("virtio device {i}'s state: {e}"))
+                })
+            })
+            .collect()
     }
 
     fn set_dirty_logging(&self) -> Result<(), SnapshotFailure> {
@@ -807,12 +1152,15 @@ impl Machine {
             unsafe { self.vm.set_user_memory_region(desc) }
                 .map_err(kvm("turn on dirty-page logging"))?;
         }
+        self.device_dirty.set_enabled(true);
         Ok(())
     }
 
-    /// Per memory slot, the bitmap of pages written since the last call (and clears it).
+    /// Per memory slot, the bitmap of pages written since the last call (and clears it):
+    /// KVM's log of what the vCPUs wrote, and what the virtio devices wrote.
     pub(crate) fn dirty_bitmaps(&self) -> Result<Vec<Vec<u64>>, SnapshotFailure> {
-        self.mem
+        let mut maps = self
+            .mem
             .iter()
             .enumerate()
             .map(|(slot, region)| {
@@ -823,11 +1171,17 @@ impl Machine {
                     )
                     .map_err(kvm("read the dirty-page log"))
             })
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        for (map, devices) in maps.iter_mut().zip(self.device_dirty.take()) {
+            for (word, d) in map.iter_mut().zip(devices) {
+                *word |= d;
+            }
+        }
+        Ok(maps)
     }
 
-    fn devices(&self) -> DeviceStates {
-        DeviceStates {
+    fn devices(&self) -> Result<DeviceStates, SnapshotFailure> {
+        Ok(DeviceStates {
             serial: devices::bus::lock(&self.serial).state(),
             i8042: devices::bus::lock(&self.i8042).state(),
             acpi_pm: devices::bus::lock(&self.power).state(),
@@ -835,7 +1189,8 @@ impl Machine {
                 .pci
                 .as_ref()
                 .map(|(root, io)| (devices::bus::lock(io).address(), root.save_config())),
-        }
+            virtio: self.virtio_states()?,
+        })
     }
 
     fn state_file(
@@ -847,7 +1202,7 @@ impl Machine {
     ) -> Result<Vec<u8>, SnapshotError> {
         let mut w = Writer::new();
         let desc = MachineDesc { generation, ..self.desc.clone() };
-        w.section(MACHINE, 1, FLAG_REQUIRED, &encode_machine(&desc).0)?;
+        w.section(MACHINE, MACHINE_VERSION, FLAG_REQUIRED, &encode_machine(&desc).0)?;
         for (cpu, s) in (0u8..).zip(vcpus) {
             w.section(VCPU, 1, FLAG_REQUIRED, &encode_vcpu(cpu, s).0)?;
         }
@@ -893,6 +1248,11 @@ impl Machine {
             }
             w.section(PCI, 1, FLAG_REQUIRED, &e.0)?;
         }
+        for ((index, state), desc) in (0u32..).zip(&dev.virtio).zip(&self.desc.virtio) {
+            let mut e = Encoder::new();
+            e.u32(index).u32(desc.device_type()).bytes(state);
+            w.section(VIRTIO, 1, FLAG_REQUIRED, &e.0)?;
+        }
         Ok(w.finish())
     }
 
@@ -909,7 +1269,7 @@ impl Machine {
         std::fs::create_dir_all(dir).map_err(io("create the snapshot directory", dir))?;
         let canonical = dir.canonicalize().map_err(io("resolve", dir))?;
         let kvm_vm = capture_kvm_vm(&self.vm)?;
-        let devices = self.devices();
+        let devices = self.devices()?;
         let state_path = canonical.join(STATE_FILE);
         let memory_path = canonical.join(MEMORY_FILE);
         let generation;

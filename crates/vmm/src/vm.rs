@@ -141,6 +141,9 @@ impl IrqLine for LineIrq {
     }
 }
 
+/// A virtio-pci function, shared by the PCI bus and the VM's snapshot handles.
+type SharedVirtioPci = Arc<Mutex<virtio_devices::pci::VirtioPci>>;
+
 /// Puts each virtio device on a PCI bus as a virtio-pci function: BAR 0 of device n at
 /// `PCI_MMIO_START + n * BAR_SIZE`, one MSI-X vector per queue plus one for configuration
 /// changes, each an irqfd on its own GSI (from `MSI_GSI_START`) whose route the guest's
@@ -150,10 +153,11 @@ fn build_pci(
     mem: &vm_memory::GuestMemoryMmap,
     router: &Arc<crate::irq::GsiRouter>,
     virtio: Vec<Box<dyn virtio_devices::VirtioDevice>>,
-) -> Result<pci::PciRoot, VmmError> {
+) -> Result<(pci::PciRoot, Vec<SharedVirtioPci>), VmmError> {
     let pci_err =
         |e: String| VmmError::Device { what: "virtio-pci", source: std::io::Error::other(e) };
     let mut root = pci::PciRoot::new();
+    let mut functions = Vec::with_capacity(virtio.len());
     let mut gsi = MSI_GSI_START;
     let registrar: Arc<dyn virtio_devices::transport::NotifyRegistrar> =
         Arc::new(IoEventRegistrar(vm.clone()));
@@ -171,9 +175,11 @@ fn build_pci(
         let function = virtio_devices::pci::VirtioPci::new(device, mem.clone(), msix, bar)
             .map_err(|e| pci_err(e.to_string()))?
             .with_notifier(registrar.clone());
-        root.add(Arc::new(Mutex::new(function))).map_err(|e| pci_err(e.to_string()))?;
+        let function = Arc::new(Mutex::new(function));
+        root.add(function.clone()).map_err(|e| pci_err(e.to_string()))?;
+        functions.push(function);
     }
-    Ok(root)
+    Ok((root, functions))
 }
 
 pub(crate) fn open_kvm() -> Result<Kvm, VmmError> {
@@ -403,7 +409,15 @@ impl Vm {
         config.serial_max_bytes = options.serial_max_bytes;
         config.interactive_console = options.interactive_console;
         config.ready_fd = options.ready_fd;
-        let built = match Self::build(&config, Some(&restored)) {
+        let devices = crate::snapshot::VirtioDesc::apply(&m.virtio, &mut config)
+            .map_err(|e| restore_err(format!("the snapshot's virtio devices: {e}")))
+            .and_then(|()| {
+                for (i, device) in m.virtio.iter().enumerate() {
+                    device.check_here(i)?;
+                }
+                Ok(())
+            });
+        let built = match devices.and_then(|()| Self::build(&config, Some(&restored))) {
             Ok(built) => built,
             Err(e) => {
                 if let Some(gate) = gate.as_mut() {
@@ -584,8 +598,15 @@ impl Vm {
         }
         let mut mmio = Bus::new();
         let mut pci_handles = None;
+        let mut transports: Vec<Arc<Mutex<dyn virtio_devices::state::TransportState>>> = Vec::new();
         if transport == VirtioTransport::Pci {
-            let root = Arc::new(build_pci(&vm, &mem, &router, std::mem::take(&mut virtio))?);
+            let (root, functions) = build_pci(&vm, &mem, &router, std::mem::take(&mut virtio))?;
+            let root = Arc::new(root);
+            transports.extend(
+                functions
+                    .into_iter()
+                    .map(|f| f as Arc<Mutex<dyn virtio_devices::state::TransportState>>),
+            );
             let config_io = Arc::new(Mutex::new(pci::root::ConfigIo::new(root.clone())));
             if let Some((address, functions)) = restored.and_then(|r| r.devices.pci.as_ref()) {
                 devices::bus::lock(&config_io).set_address(*address);
@@ -619,9 +640,34 @@ impl Vm {
                 Arc::new(EventFdIrq(evt)),
             )
             .with_notifier(Arc::new(IoEventRegistrar(vm.clone())), u64::from(info.base));
-            mmio.insert(Arc::new(Mutex::new(transport)), u64::from(info.base), u64::from(info.len))
+            let transport = Arc::new(Mutex::new(transport));
+            mmio.insert(transport.clone(), u64::from(info.base), u64::from(info.len))
                 .map_err(bus_err("virtio-mmio"))?;
+            transports.push(transport);
         }
+        // Guest pages the devices write, for migration and incremental snapshots.
+        let device_dirty = Arc::new(virtio_devices::state::DirtyPages::new(&mem));
+        for t in &transports {
+            devices::bus::lock(t).set_dirty_log(device_dirty.clone());
+        }
+        if let Some(restored) = restored {
+            if restored.devices.virtio.len() != transports.len() {
+                return Err(restore_err(format!(
+                    "the snapshot has state for {} virtio devices, the VM {}",
+                    restored.devices.virtio.len(),
+                    transports.len()
+                )));
+            }
+            for (i, (t, state)) in transports.iter().zip(&restored.devices.virtio).enumerate() {
+                devices::bus::lock(t)
+                    .restore(state)
+                    .map_err(|e| restore_err(format!("virtio device {i}: {e}")))?;
+            }
+        }
+        let (virtio_desc, unsupported) = match crate::snapshot::VirtioDesc::from_config(config) {
+            Ok(list) => (list, None),
+            Err(why) => (Vec::new(), Some(why)),
+        };
         let mmio = Arc::new(mmio);
         // Stdin is the console's input when its output goes somewhere (a terminal, or a file
         // with stdin a pipe or the daemon's FIFO).
@@ -635,7 +681,7 @@ impl Vm {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_call("get supported CPUID"))?;
         let desc = match restored {
-            Some(r) => r.machine.clone(),
+            Some(r) => MachineDesc { virtio: virtio_desc, ..r.machine.clone() },
             None => MachineDesc {
                 vcpus: config.cpus,
                 memory: config.memory,
@@ -659,6 +705,7 @@ impl Vm {
                         .collect()
                 },
                 memory_file_len: mem.iter().map(|r| r.len()).sum(),
+                virtio: virtio_desc,
             },
         };
         let msr_indices = kvm
@@ -674,7 +721,9 @@ impl Vm {
             i8042,
             power,
             pci: pci_handles,
-            virtio_devices,
+            transports,
+            device_dirty,
+            unsupported,
             desc,
             backing,
             tracking: Default::default(),
@@ -856,6 +905,10 @@ impl Vm {
             (None, Some(gate)) => gate.open(),
             (None, None) => Ok(()),
         };
+        if decision.is_ok() {
+            // A restored VM's devices run from here (a migration's only after the go).
+            machine.resume_devices();
+        }
         {
             let (lock, changed) = &*verdict;
             *devices::bus::lock(lock) = Some(decision.is_ok());
