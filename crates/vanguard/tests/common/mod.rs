@@ -347,6 +347,11 @@ impl Running {
 
     /// Closes stdin and waits for the process to end; kills it and fails the test after the
     /// time limit, showing the output so far.
+    /// Whether the process has ended (it is reaped by [`Running::finish`]).
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     pub fn finish(mut self) -> Outcome {
         self.close_stdin();
         let status = loop {
