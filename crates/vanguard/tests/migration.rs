@@ -21,38 +21,7 @@ fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
 
-/// The `dirty: step N` numbers printed so far (whole lines only).
-fn steps(out: &str) -> Vec<u64> {
-    let out = &out[..out.rfind('\n').unwrap_or(0)];
-    out.lines().filter_map(|l| l.trim().strip_prefix("dirty: step ")?.parse().ok()).collect()
-}
-
-fn wait_for_step(vm: &mut common::Running, seen: usize) -> u64 {
-    let start = Instant::now();
-    loop {
-        let all = steps(&vm.stdout_so_far());
-        if all.len() > seen {
-            return *all.last().expect("a step");
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "no new step:\n{}", vm.stdout_so_far());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn verify(vm: &mut common::Running) {
-    vm.write_stdin(b"v");
-    let start = Instant::now();
-    loop {
-        let all = vm.stdout_so_far();
-        assert!(!all.contains("dirty: FAILED"), "the guest found a wrong page:\n{all}");
-        let whole = &all[..all.rfind('\n').unwrap_or(0)];
-        if whole.lines().any(|l| l.contains("dirty: verified") && l.trim().ends_with(": ok")) {
-            return;
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "no verification:\n{all}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use common::dirty::{steps, verify, wait_for_step};
 
 fn source(cpus: u8, arg: &str, socket: &Path) -> common::Running {
     let cpus = cpus.to_string();
@@ -76,33 +45,7 @@ fn migrate(socket: &Path, body: &str) -> (u16, String) {
     common::curl_unix(socket, "PUT", "/v1/vm/migrate", Some(body))
 }
 
-/// Waits until `address` accepts connections (the destination listens).
-fn wait_listening(address: &str) {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(20) {
-        if let Some(path) = address.strip_prefix("unix:") {
-            if Path::new(path).exists() {
-                return;
-            }
-        } else if let Some(addr) = address.strip_prefix("tcp:") {
-            // Probing a TCP listener would be taken as the migration's connection: its port
-            // is bound when `ss` lists it.
-            let out = std::process::Command::new("ss").args(["-Hltn"]).output();
-            if let Ok(out) = out {
-                let port = addr.rsplit(':').next().unwrap();
-                if String::from_utf8_lossy(&out.stdout).contains(&format!(":{port} ")) {
-                    return;
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("{address} is not listening after 20 s");
-}
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use common::dirty::{free_tcp_port, wait_listening};
 
 fn move_guest(cpus: u8, address: &str) {
     let dir = common::TempDir::new("migrate");

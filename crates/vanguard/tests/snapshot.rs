@@ -19,49 +19,11 @@ fn ready() -> bool {
     common::kvm_available() && tool_available("curl", "--version", "curl")
 }
 
-/// The `dirty: step N` numbers printed so far (whole lines only).
-fn steps(out: &str) -> Vec<u64> {
-    let out = &out[..out.rfind('\n').unwrap_or(0)];
-    out.lines().filter_map(|l| l.trim().strip_prefix("dirty: step ")?.parse().ok()).collect()
-}
-
-/// Waits until the guest has printed more `dirty: step` lines than `seen`.
-fn wait_for_step(vm: &mut common::Running, seen: usize) -> u64 {
-    let start = Instant::now();
-    loop {
-        let all = steps(&vm.stdout_so_far());
-        if all.len() > seen {
-            return *all.last().expect("a step");
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no new `dirty: step` line in 30 s:\n{}",
-            vm.stdout_so_far()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use common::dirty::{steps, wait_for_step};
 
 /// Asks the guest to verify every page; returns the step it verified at.
 fn verify(vm: &mut common::Running) -> u64 {
-    let before = vm.stdout_so_far().matches("dirty: verified").count();
-    vm.write_stdin(b"v");
-    let start = Instant::now();
-    loop {
-        let all = vm.stdout_so_far();
-        assert!(!all.contains("dirty: FAILED"), "the guest found a wrong page:\n{all}");
-        // Whole lines only.
-        let out = &all[..all.rfind('\n').unwrap_or(0)];
-        let lines: Vec<&str> = out.lines().filter(|l| l.contains("dirty: verified")).collect();
-        if lines.len() > before {
-            let line = lines[lines.len() - 1];
-            assert!(line.trim().ends_with(": ok"), "{line}");
-            let step = line.split("at step ").nth(1).and_then(|r| r.split(':').next());
-            return step.and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{line}"));
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "no verification in 30 s:\n{out}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::dirty::verified_step(&common::dirty::verify(vm))
 }
 
 fn snapshot(socket: &Path, dir: &Path, incremental: bool) -> serde_json::Value {
