@@ -138,6 +138,12 @@ struct RunArgs {
     /// Back guest memory with hugetlbfs pages (reserve them first in /proc/sys/vm/nr_hugepages).
     #[arg(long)]
     hugepages: bool,
+    /// Guest RAM in memfds, so that a live migration over a Unix socket to another VMM on
+    /// this host (an upgrade of the VMM binary) hands the memory over instead of copying it.
+    /// Without shmem transparent huge pages on the host, the guest's first touch of each
+    /// page costs a little more.
+    #[arg(long)]
+    memory_shared: bool,
     /// Attach the debug-exit port (0xf4): a guest write of N ends the VM with exit status N.
     #[arg(long)]
     debug_exit: bool,
@@ -195,7 +201,7 @@ struct RunArgs {
     /// docs/snapshot.md) and run it from where it was; the machine comes from the snapshot,
     /// so the options that describe one are refused.
     #[arg(long, value_name = "DIR", conflicts_with_all = [
-        "kernel", "initrd", "cmdline", "cpus", "memory", "hugepages", "debug_exit", "boot_timer",
+        "kernel", "initrd", "cmdline", "cpus", "memory", "hugepages", "memory_shared", "debug_exit", "boot_timer",
         "rng", "virtio_transport", "disk", "net", "balloon", "vsock",
     ])]
     restore: Option<PathBuf>,
@@ -203,7 +209,7 @@ struct RunArgs {
     /// VMM (PUT /v1/vm/migrate on its per-VM API), then run the VM once the source lets go.
     /// The machine comes from the source, so the options that describe one are refused.
     #[arg(long, value_name = "ADDRESS", conflicts_with_all = [
-        "kernel", "initrd", "cmdline", "cpus", "memory", "hugepages", "debug_exit", "boot_timer",
+        "kernel", "initrd", "cmdline", "cpus", "memory", "hugepages", "memory_shared", "debug_exit", "boot_timer",
         "rng", "virtio_transport", "disk", "net", "balloon", "vsock", "restore",
     ])]
     migrate_from: Option<vmm::MigrationAddress>,
@@ -455,6 +461,7 @@ fn run(args: RunArgs, start: Instant) -> Result<VmOutcome, vmm::VmmError> {
     config.memory = args.memory;
     config.serial = args.serial;
     config.hugepages = args.hugepages;
+    config.shared_memory = args.memory_shared;
     config.debug_exit = args.debug_exit;
     config.boot_timer = args.boot_timer;
     config.rng = args.rng;

@@ -142,3 +142,88 @@ fn a_missing_or_resized_disk_image_is_refused_before_the_vm_runs() {
     std::fs::remove_file(&image).unwrap();
     restore_fails(&format!("the disk image {} is not reachable here", image.display()));
 }
+
+/// A same-host upgrade of the VMM binary: over a Unix socket, a VM with `--memory-shared`
+/// hands its RAM (memfds) and its TAP over to the new process instead of copying and
+/// reopening them; the guest verifies its memory there, reads its disk again, and talks to
+/// the host through the same TAP (hello, ping, UDP echo).
+#[test]
+fn a_vmm_upgrade_hands_memory_and_the_tap_over() {
+    if !ready() || !common::net::net_available() {
+        return;
+    }
+    use std::net::{SocketAddrV4, UdpSocket};
+    let tap = common::net::Tap::create();
+    let (host, guest_ip) = (tap.host_ip(), tap.guest_ip());
+    let socket = UdpSocket::bind(SocketAddrV4::new(host, 5555)).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let hello = |socket: &UdpSocket| {
+        let mut buf = [0u8; 256];
+        let (n, from) = socket.recv_from(&mut buf).expect("the guest's hello");
+        assert_eq!(&buf[..n], b"vanguard-guest hello 1");
+        from
+    };
+    let echo = |socket: &UdpSocket| {
+        let payload = b"through the handed-over TAP";
+        socket.send_to(payload, SocketAddrV4::new(guest_ip, 7)).unwrap();
+        let mut buf = [0u8; 256];
+        let (n, _) = socket.recv_from(&mut buf).expect("the guest's echo");
+        assert_eq!(&buf[..n], payload);
+    };
+    let dir = common::TempDir::new("vupgrade");
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, common::image(4 << 20, 9)).unwrap();
+    let api = dir.path().join("src.sock");
+    let (disk, net) = (format!("path={}", image.display()), format!("tap={}", tap.name));
+    let pings = u32::from(common::net::ping_available());
+    let cmdline = format!(
+        "console=ttyS0 net={guest_ip},{host},0 disk rng dirty=8M,20 disk rng \
+         net={guest_ip},{host},{pings}"
+    );
+    let args = [
+        "--memory-shared",
+        "--disk",
+        &disk,
+        "--rng",
+        "--net",
+        &net,
+        "--api-socket",
+        api.to_str().unwrap(),
+    ];
+    let mut src =
+        common::guest(&cmdline, &args).timeout(Duration::from_secs(180)).spawn_interactive();
+    hello(&socket);
+    echo(&socket);
+    wait_for_step(&mut src, 0);
+    verify(&mut src);
+    let address = format!("unix:{}", dir.path().join("upgrade.sock").display());
+    let dst = common::run_args(["--migrate-from", &address])
+        .timeout(Duration::from_secs(180))
+        .spawn_interactive();
+    wait_listening(&address);
+    let before = *steps(&src.stdout_so_far()).last().unwrap();
+    let body = format!(r#"{{"destination":"{address}"}}"#);
+    let (code, answer) = common::curl_unix(&api, "PUT", "/v1/vm/migrate", Some(&body));
+    assert_eq!(code, 200, "{answer}");
+    let info = json(&answer);
+    // Nothing was copied: the memory went over as memfds.
+    assert_eq!(info["bytes_sent"], 0, "{info}");
+    assert_eq!(info["passes"], 0, "{info}");
+    src.finish().assert_code(0).assert_stderr_contains("the VM moved to another VMM");
+    let mut dst = dst;
+    let first = wait_for_step(&mut dst, 0);
+    assert!(first > before, "step {first} is not past {before}");
+    verify(&mut dst);
+    common::dirty::stop(&mut dst);
+    // The last `net` scenario, in the new process, on the TAP it was handed.
+    hello(&socket);
+    if pings > 0 {
+        common::net::ip(&["neigh", "flush", "dev", &tap.name]);
+        common::net::ping(guest_ip, 1);
+    }
+    echo(&socket);
+    let out = dst.finish();
+    out.assert_clean_exit();
+    let md5 = common::host_md5(&image);
+    out.assert_line(&format!("disk0 md5 {md5}"));
+}

@@ -115,6 +115,11 @@ pub trait VirtioDevice: Send {
     fn config_changed(&mut self) -> bool {
         false
     }
+    /// The host descriptor a live migration to another process on this host hands over
+    /// (a net device's TAP), so that the new process need not reopen it.
+    fn handover_fd(&self) -> Option<RawFd> {
+        None
+    }
     /// The device's own state for a snapshot, beyond what its configuration and the
     /// transport's queues hold (most devices have none).
     fn save_state(&self) -> Vec<u8> {

@@ -192,6 +192,10 @@ impl crate::state::TransportState for MmioTransport {
         Ok(())
     }
 
+    fn handover_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.core.handover_fd()
+    }
+
     fn set_dirty_log(&mut self, dirty: Arc<crate::state::DirtyPages>) {
         self.core.set_dirty_log(dirty);
     }

@@ -269,6 +269,21 @@ impl Net {
         Ok(net)
     }
 
+    /// A device on a TAP descriptor another VMM process opened as [`Net::open`] does and
+    /// handed over (a live migration on this host), named `name`.
+    pub fn from_handed_tap(tap: File, name: &str, mac: [u8; 6]) -> Result<Net, NetError> {
+        let fail = |what: &'static str, source: std::io::Error| NetError::Tap {
+            name: name.to_string(),
+            what,
+            hint: "",
+            source,
+        };
+        let mut net = Net::with_backend(tap, name, mac, true)
+            .map_err(|e| fail("create the rate limiters", e))?;
+        net.set_offload(0).map_err(|e| fail("TUNSETOFFLOAD on the handed-over TAP", e))?;
+        Ok(net)
+    }
+
     /// A device whose frames go to `backend`: a TAP (`is_tap`) or, in tests, one end of a
     /// datagram socket pair, which keeps frame boundaries as a TAP does.
     fn with_backend(backend: File, name: &str, mac: [u8; 6], is_tap: bool) -> std::io::Result<Net> {
@@ -581,6 +596,10 @@ pub const EVENT_TX_LIMITER: usize = 2;
 pub const EVENT_KICK: usize = 3;
 
 impl VirtioDevice for Net {
+    fn handover_fd(&self) -> Option<RawFd> {
+        self.is_tap.then(|| self.tap.as_raw_fd())
+    }
+
     fn device_type(&self) -> u32 {
         VIRTIO_ID_NET
     }

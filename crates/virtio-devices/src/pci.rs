@@ -418,6 +418,10 @@ impl crate::state::TransportState for VirtioPci {
         i.msix.restore(&table, self.config.u16_at(self.msix_cap + 2))
     }
 
+    fn handover_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.core.handover_fd()
+    }
+
     fn set_dirty_log(&mut self, dirty: Arc<crate::state::DirtyPages>) {
         self.core.set_dirty_log(dirty);
     }

@@ -203,6 +203,8 @@ pub trait TransportState: Send {
     /// Puts back what [`TransportState::save`] wrote, before any vCPU runs; the device runs
     /// again as the driver left it (the caller then [`TransportState::resume`]s it).
     fn restore(&mut self, state: &[u8]) -> Result<(), String>;
+    /// The host descriptor the device hands over to another VMM process on this host.
+    fn handover_fd(&self) -> Option<std::os::fd::RawFd>;
     /// Where the transport marks the guest pages its device writes.
     fn set_dirty_log(&mut self, dirty: std::sync::Arc<DirtyPages>);
 }

@@ -512,6 +512,11 @@ impl VirtioCore {
         }
     }
 
+    /// The descriptor the device hands over to another VMM process on this host.
+    pub fn handover_fd(&self) -> Option<std::os::fd::RawFd> {
+        lock(&self.shared).device.handover_fd()
+    }
+
     /// Whether the device's queues run in another process.
     pub fn external(&self) -> bool {
         lock(&self.shared).device.external_queues().is_some()

@@ -52,6 +52,10 @@ pub struct VmConfig {
     pub memory: u64,
     /// Back guest memory with hugetlbfs pages instead of transparent huge pages.
     pub hugepages: bool,
+    /// Guest RAM in memfds (mapped shared), so that a live migration to another VMM process
+    /// on the same host hands the memory over instead of copying it. Implied by a vhost-user
+    /// disk.
+    pub shared_memory: bool,
     /// Serial console destination.
     pub serial: SerialOutput,
     /// Attach the debug-exit port.
@@ -164,6 +168,7 @@ impl VmConfig {
             cpus: 1,
             memory: 128 << 20,
             hugepages: false,
+            shared_memory: false,
             serial: SerialOutput::Stdio,
             debug_exit: false,
             boot_timer: false,

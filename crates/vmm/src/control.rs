@@ -456,6 +456,7 @@ impl VmControl {
         throttle_stop: &AtomicBool,
     ) -> Result<MigrationReport, SnapshotFailure> {
         let link = options.destination.connect()?;
+        let offered_memory = migration::hand_over(&*link, machine)?;
         let mut input =
             BufReader::new(link.try_clone_link().map_err(|e| {
                 SnapshotFailure::Migration(format!("duplicate the connection: {e}"))
@@ -471,8 +472,8 @@ impl VmControl {
             &[&migration::hello(&machine.desc, &cpuid)],
         )?;
         flush(&mut out)?;
-        match migration::receive(&mut input)? {
-            (migration::KIND_ACCEPT, _) => {}
+        let memory_handed = match migration::receive(&mut input)? {
+            (migration::KIND_ACCEPT, flags) => offered_memory && flags.first() == Some(&1),
             (migration::KIND_REFUSE, why) => {
                 return Err(SnapshotFailure::Migration(format!(
                     "the destination refused: {}",
@@ -484,6 +485,9 @@ impl VmControl {
                     "the destination answered the hello with message {kind:#04x}"
                 )))
             }
+        };
+        if memory_handed {
+            return self.hand_over_inner(machine, &mut input, &mut out, started, was_running);
         }
         machine.restart_dirty_log()?;
         let mut sender = Sender {
@@ -562,9 +566,57 @@ impl VmControl {
         let bytes_sent = sender.sent;
         let vcpus = self.capture_vcpus()?;
         let state = machine.state_bytes(&vcpus)?;
-        migration::send(&mut out, migration::KIND_STATE, &[&state])?;
-        flush(&mut out)?;
-        match migration::receive(&mut input)? {
+        self.finish_transfer(&mut input, &mut out, &state)?;
+        Ok(MigrationReport {
+            total: started.elapsed(),
+            downtime: stopped.elapsed(),
+            bytes_sent,
+            state_bytes: state.len() as u64,
+            passes,
+        })
+    }
+
+    /// The stop-and-copy of a migration whose destination took this VM's memory over (a
+    /// Unix socket on this host): no page is sent, only the state.
+    fn hand_over_inner(
+        &self,
+        machine: &Machine,
+        input: &mut impl std::io::Read,
+        out: &mut BufWriter<Box<dyn migration::Link>>,
+        started: Instant,
+        was_running: bool,
+    ) -> Result<MigrationReport, SnapshotFailure> {
+        self.set_progress(|p| p.phase = "stop-and-copy".into());
+        let stopped = Instant::now();
+        if was_running {
+            self.pause()?;
+        }
+        machine.quiesce_devices();
+        let vcpus = self.capture_vcpus()?;
+        let state = machine.state_bytes(&vcpus)?;
+        self.finish_transfer(input, out, &state)?;
+        Ok(MigrationReport {
+            total: started.elapsed(),
+            downtime: stopped.elapsed(),
+            bytes_sent: 0,
+            state_bytes: state.len() as u64,
+            passes: 0,
+        })
+    }
+
+    /// Sends the state, waits for the destination's ready and sends go.
+    fn finish_transfer(
+        &self,
+        input: &mut impl std::io::Read,
+        out: &mut BufWriter<Box<dyn migration::Link>>,
+        state: &[u8],
+    ) -> Result<(), SnapshotFailure> {
+        let flush = |out: &mut BufWriter<_>| {
+            out.flush().map_err(|e| SnapshotFailure::Migration(format!("send: {e}")))
+        };
+        migration::send(out, migration::KIND_STATE, &[state])?;
+        flush(out)?;
+        match migration::receive(input)? {
             (migration::KIND_READY, _) => {}
             (migration::KIND_ERROR, why) => {
                 return Err(SnapshotFailure::Migration(format!(
@@ -578,15 +630,8 @@ impl VmControl {
                 )))
             }
         }
-        migration::send(&mut out, migration::KIND_GO, &[])?;
-        flush(&mut out)?;
-        Ok(MigrationReport {
-            total: started.elapsed(),
-            downtime: stopped.elapsed(),
-            bytes_sent,
-            state_bytes: state.len() as u64,
-            passes,
-        })
+        migration::send(out, migration::KIND_GO, &[])?;
+        flush(out)
     }
 
     /// Presses the ACPI power button (the guest decides what to do).

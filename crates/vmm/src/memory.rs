@@ -99,6 +99,49 @@ pub fn create_guest_memory(
     })
 }
 
+/// Maps guest RAM that another VMM process on this host handed over (a live migration): one
+/// memfd per RAM range, each exactly that range's length, mapped shared, so that it can be
+/// handed on again.
+pub(crate) fn map_handed(
+    ranges: &[crate::snapshot::RamRange],
+    memfds: Vec<std::fs::File>,
+) -> Result<GuestMemoryMmap, VmmError> {
+    let bad = |size: u64, hint: &'static str, source: std::io::Error| VmmError::MemoryAlloc {
+        size,
+        hint,
+        source,
+    };
+    let mut regions = Vec::with_capacity(ranges.len());
+    for (range, file) in ranges.iter().zip(memfds) {
+        let len = file.metadata().map_err(|e| bad(range.len, " (the handed-over memfd)", e))?.len();
+        if len != range.len {
+            return Err(bad(
+                range.len,
+                " (a handed-over memfd is not as long as its RAM range)",
+                std::io::Error::from(std::io::ErrorKind::InvalidData),
+            ));
+        }
+        let len_usize = usize::try_from(len)
+            .map_err(|_| bad(len, "", std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
+        let mapping = MmapRegion::build(
+            Some(vm_memory::FileOffset::new(file, 0)),
+            len_usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+        )
+        .map_err(|e| {
+            bad(len, " (mapping a handed-over memfd)", std::io::Error::other(e.to_string()))
+        })?;
+        let region = GuestRegionMmap::new(mapping, vm_memory::GuestAddress(range.guest))
+            .ok_or_else(|| {
+                bad(len, " (the range overflows)", std::io::ErrorKind::InvalidInput.into())
+            })?;
+        regions.push(region);
+    }
+    GuestMemoryMmap::from_regions(regions)
+        .map_err(|e| bad(0, "", std::io::Error::other(e.to_string())))
+}
+
 /// Registers every region of `mem` with KVM.
 pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
     for (slot, region) in mem.iter().enumerate() {

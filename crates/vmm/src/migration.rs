@@ -39,6 +39,12 @@ pub(crate) const KIND_STATE: u8 = b'S';
 pub(crate) const KIND_READY: u8 = b'Y';
 pub(crate) const KIND_ERROR: u8 = b'E';
 pub(crate) const KIND_GO: u8 = b'G';
+/// Descriptors handed over on a Unix socket (the first message, before the hello).
+pub(crate) const KIND_DESCRIPTORS: u8 = b'D';
+/// The descriptors message: kind, length 12, then memfd count, TAP count, flags (u32 each).
+const DESCRIPTORS_LEN: usize = 21;
+/// Most descriptors one handover carries.
+const MAX_HANDED: usize = 64;
 /// The largest message: a state file or a run of pages.
 const MAX_MESSAGE: u64 = 64 << 20;
 /// Pages per memory message at most.
@@ -53,6 +59,152 @@ pub(crate) const MAX_PASSES: u32 = 30;
 pub(crate) trait Link: Read + Write + Send {
     fn set_timeouts(&self, timeout: Option<Duration>) -> std::io::Result<()>;
     fn try_clone_link(&self) -> std::io::Result<Box<dyn Link>>;
+    /// The Unix socket under the link, which can carry descriptors.
+    fn unix(&self) -> Option<&std::os::unix::net::UnixStream> {
+        None
+    }
+}
+
+/// A link whose first bytes were already read (while looking for handed-over descriptors):
+/// they are read again first. Each clone has its own copy of what is left of them.
+struct Prefixed {
+    prefix: Vec<u8>,
+    inner: Box<dyn Link>,
+}
+
+impl Read for Prefixed {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.prefix.is_empty() {
+            return self.inner.read(buf);
+        }
+        let n = buf.len().min(self.prefix.len());
+        buf[..n].copy_from_slice(&self.prefix[..n]);
+        self.prefix.drain(..n);
+        Ok(n)
+    }
+}
+
+impl Write for Prefixed {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl Link for Prefixed {
+    fn set_timeouts(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.inner.set_timeouts(timeout)
+    }
+    fn try_clone_link(&self) -> std::io::Result<Box<dyn Link>> {
+        Ok(Box::new(Prefixed { prefix: self.prefix.clone(), inner: self.inner.try_clone_link()? }))
+    }
+}
+
+/// What a source on this host handed over: its guest RAM (one memfd per RAM range) and the
+/// TAP of each net device.
+#[derive(Default)]
+pub(crate) struct Handed {
+    pub memfds: Vec<std::fs::File>,
+    pub taps: Vec<std::fs::File>,
+}
+
+/// On a Unix link, sends the descriptors another VMM on this host can take over instead of
+/// copying or reopening: every RAM range's memfd (when all of guest RAM is in memfds) and
+/// every net device's TAP. Returns whether memory was offered. Nothing is sent when there is
+/// nothing to hand over, so a destination that knows no handover still understands the link.
+pub(crate) fn hand_over(
+    link: &dyn Link,
+    machine: &crate::snapshot::Machine,
+) -> Result<bool, SnapshotFailure> {
+    use std::os::fd::AsRawFd;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let Some(socket) = link.unix() else { return Ok(false) };
+    let memfds: Option<Vec<std::os::fd::RawFd>> = machine
+        .mem
+        .iter()
+        .map(|r| r.file_offset().filter(|f| f.start() == 0).map(|f| f.file().as_raw_fd()))
+        .collect();
+    let memfds = memfds.unwrap_or_default();
+    let taps: Vec<std::os::fd::RawFd> =
+        machine.transports.iter().filter_map(|t| devices::bus::lock(t).handover_fd()).collect();
+    if memfds.is_empty() && taps.is_empty() {
+        return Ok(false);
+    }
+    let mut message = vec![KIND_DESCRIPTORS];
+    message.extend_from_slice(&12u64.to_le_bytes());
+    for n in [memfds.len(), taps.len(), 0] {
+        message.extend_from_slice(&u32::try_from(n).unwrap_or(0).to_le_bytes());
+    }
+    let fds: Vec<std::os::fd::RawFd> = memfds.iter().chain(&taps).copied().collect();
+    let sent = socket
+        .send_with_fds(&[&message[..]], &fds)
+        .map_err(|e| SnapshotFailure::Migration(format!("hand over guest memory and TAPs: {e}")))?;
+    if sent != message.len() {
+        return Err(SnapshotFailure::Migration("hand over: a short write".into()));
+    }
+    Ok(!memfds.is_empty())
+}
+
+/// On a Unix link, takes the descriptors a source on this host handed over (see
+/// [`hand_over`]), if its first message is that; otherwise the bytes read are given back in
+/// front of the link.
+pub(crate) fn take_over(link: Box<dyn Link>) -> Result<(Box<dyn Link>, Handed), SnapshotFailure> {
+    use std::os::fd::FromRawFd;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let Some(socket) = link.unix() else { return Ok((link, Handed::default())) };
+    let mut buf = [0u8; DESCRIPTORS_LEN];
+    let mut got = 0;
+    let mut files: Vec<std::fs::File> = Vec::new();
+    while got < DESCRIPTORS_LEN {
+        let mut fds = [-1; MAX_HANDED];
+        let mut iov = [libc::iovec {
+            iov_base: buf[got..].as_mut_ptr().cast(),
+            iov_len: DESCRIPTORS_LEN - got,
+        }];
+        // SAFETY: the iovec covers the unread tail of `buf`, which lives (exclusively
+        // borrowed) for the call; any bytes may be written there.
+        let (n, nfds) = unsafe { socket.recv_with_fds(&mut iov, &mut fds) }.map_err(lost_sys)?;
+        for fd in fds.iter().take(nfds) {
+            // SAFETY: recvmsg gave us these descriptors; nothing else owns them.
+            files.push(unsafe { std::fs::File::from_raw_fd(*fd) });
+        }
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    if got < DESCRIPTORS_LEN || buf[0] != KIND_DESCRIPTORS {
+        if !files.is_empty() {
+            return Err(SnapshotFailure::Migration(
+                "corrupt migration stream: descriptors came without their message".into(),
+            ));
+        }
+        let prefix = buf[..got].to_vec();
+        return Ok((Box::new(Prefixed { prefix, inner: link }), Handed::default()));
+    }
+    let word = |i: usize| {
+        let mut w = [0u8; 4];
+        w.copy_from_slice(&buf[9 + 4 * i..13 + 4 * i]);
+        u32::from_le_bytes(w) as usize
+    };
+    let length = u64::from_le_bytes(buf[1..9].try_into().unwrap_or([0; 8]));
+    let (memfds, taps) = (word(0), word(1));
+    if length != 12 || memfds.saturating_add(taps) != files.len() {
+        return Err(SnapshotFailure::Migration(format!(
+            "corrupt migration stream: the descriptors message names {memfds} memfds and {taps} \
+             TAPs, {} descriptors came",
+            files.len()
+        )));
+    }
+    let taps = files.split_off(memfds);
+    Ok((link, Handed { memfds: files, taps }))
+}
+
+fn lost_sys(e: vmm_sys_util::errno::Error) -> SnapshotFailure {
+    SnapshotFailure::Migration(format!("the connection to the other VMM failed: {e}"))
 }
 
 impl Link for std::net::TcpStream {
@@ -72,6 +224,9 @@ impl Link for std::os::unix::net::UnixStream {
     }
     fn try_clone_link(&self) -> std::io::Result<Box<dyn Link>> {
         Ok(Box::new(self.try_clone()?))
+    }
+    fn unix(&self) -> Option<&std::os::unix::net::UnixStream> {
+        Some(self)
     }
 }
 
@@ -490,10 +645,23 @@ pub(crate) fn run_incoming(
     make_control: impl FnOnce(usize, u64) -> Result<Arc<VmControl>, VmmError>,
 ) -> Result<crate::vm::VmOutcome, VmmError> {
     let link = from.accept()?;
+    let (link, handed) = take_over(link)?;
     let mut input = BufReader::with_capacity(1 << 20, link.try_clone_link().map_err(lost)?);
     let mut out = BufWriter::new(link);
     let (desc, cpuid) = read_hello(&mut input)?;
-    if let Err(e) = check_cpu_here(&desc, &cpuid) {
+    let nets = desc.virtio.iter().filter(|d| matches!(d, crate::snapshot::VirtioDesc::Net { .. }));
+    let handed_ok = (handed.taps.is_empty() || handed.taps.len() == nets.count())
+        && (handed.memfds.is_empty() || handed.memfds.len() == desc.ranges.len());
+    if !handed_ok {
+        let why = "the source handed over descriptors that do not match its VM";
+        let _ = send(&mut out, KIND_REFUSE, &[why.as_bytes()]);
+        let _ = out.flush();
+        return Err(SnapshotFailure::Migration(why.into()).into());
+    }
+    // A source that handed its memory over runs on this host, on this CPU: the throwaway
+    // vCPU (a few milliseconds) would tell nothing new.
+    let same_host = !handed.memfds.is_empty();
+    if let Err(e) = if same_host { Ok(()) } else { check_cpu_here(&desc, &cpuid) } {
         let _ = send(&mut out, KIND_REFUSE, &[e.to_string().as_bytes()]);
         let _ = out.flush();
         return Err(SnapshotFailure::Migration(format!("refused the incoming VM: {e}")).into());
@@ -515,7 +683,13 @@ pub(crate) fn run_incoming(
         let _ = out.flush();
         return Err(SnapshotFailure::Migration(format!("refused the incoming VM: {why}")).into());
     }
-    let mem = match crate::memory::create_guest_memory(desc.memory, false, false) {
+    let handed_memory = !handed.memfds.is_empty();
+    let mem = if handed_memory {
+        crate::memory::map_handed(&desc.ranges, handed.memfds)
+    } else {
+        crate::memory::create_guest_memory(desc.memory, false, false)
+    };
+    let mem = match mem {
         Ok(mem) => mem,
         Err(e) => {
             let _ = send(&mut out, KIND_REFUSE, &[e.to_string().as_bytes()]);
@@ -523,7 +697,8 @@ pub(crate) fn run_incoming(
             return Err(e);
         }
     };
-    send(&mut out, KIND_ACCEPT, &[])?;
+    // Bit 0: the handed-over memory is the guest's; the source sends none.
+    send(&mut out, KIND_ACCEPT, &[&[u8::from(handed_memory)]])?;
     out.flush().map_err(lost)?;
     let mut gate = GoGate { input, out };
     let fail = |gate: &mut GoGate, e: SnapshotFailure| -> VmmError {
@@ -554,6 +729,7 @@ pub(crate) fn run_incoming(
         return Err(fail(&mut gate, e));
     }
     restored.memory = Some(mem);
+    restored.handed_taps = handed.taps;
     let control = make_control(usize::from(m.vcpus), m.memory)?;
     crate::vm::Vm::run_restored_gated(restored, options, control, Some(Box::new(gate)))
 }

@@ -754,6 +754,8 @@ pub(crate) struct Restored {
     pub vcpus: Vec<VcpuState>,
     pub kvm_vm: KvmVmState,
     pub devices: DeviceStates,
+    /// TAP descriptors a migration's source on this host handed over, one per net device.
+    pub handed_taps: Vec<File>,
 }
 
 /// Reads and checks a snapshot directory's state file.
@@ -908,7 +910,15 @@ pub(crate) fn parse_state(
             .collect::<Result<Vec<_>, _>>()?;
         DeviceStates { serial, i8042, acpi_pm, pci, virtio }
     };
-    Ok(Restored { dir: dir.to_path_buf(), memory: None, machine, vcpus, kvm_vm, devices })
+    Ok(Restored {
+        dir: dir.to_path_buf(),
+        memory: None,
+        machine,
+        vcpus,
+        kvm_vm,
+        devices,
+        handed_taps: Vec::new(),
+    })
 }
 
 /// Checks, before anything is built, that the XSAVE area fits what Vanguard restores.
