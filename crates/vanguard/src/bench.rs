@@ -79,6 +79,13 @@ pub enum Bench {
         #[arg(long, value_delimiter = ',', default_value = "0,50,200")]
         rates: Vec<u64>,
     },
+    /// Same-host VMM upgrade: live migration over a Unix socket to a new VMM process, with
+    /// the guest's memory handed over (--memory-shared) and copied, 128 MiB and 1 GiB.
+    Upgrade {
+        /// Migrations per row (the median is shown).
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+    },
     /// All of the above with their defaults.
     All,
 }
@@ -271,6 +278,7 @@ pub fn run(which: Bench) -> Result<(), String> {
         Bench::Net { size_mib, runs } => crate::bench_net::run(size_mib, runs),
         Bench::Snapshot { runs } => crate::bench_snapshot::run(runs),
         Bench::Migrate { rates } => crate::bench_snapshot::migrate(&rates),
+        Bench::Upgrade { runs } => crate::bench_snapshot::upgrade(runs),
         Bench::All => {
             boot(20)?;
             memory()?;

@@ -295,3 +295,74 @@ pub fn migrate(rates: &[u64]) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// One same-host migration of an idle guest whose memory `mem` filled: over a Unix socket to
+/// a fresh destination; returns (total ms, downtime ms, MiB sent) from the source's answer
+/// once the guest answers at the destination.
+fn upgrade_once(
+    work: &Path,
+    i: usize,
+    memory: &str,
+    shared: bool,
+) -> Result<(f64, f64, f64), String> {
+    let socket = work.join(format!("up-src{i}.sock"));
+    let mut args = vec!["--memory", memory, "--cmdline", "console=ttyS0 mem echo"];
+    if shared {
+        args.push("--memory-shared");
+    }
+    let socket_arg = socket.to_str().unwrap_or("").to_string();
+    args.extend(["--api-socket", &socket_arg]);
+    let src = Vmm::spawn(&args, b"")?;
+    src.wait_for("echo: ready", Duration::from_secs(120))?;
+    let address = format!("unix:{}", work.join(format!("up{i}.sock")).display());
+    let mut dst = Vmm::spawn(&["--migrate-from", &address], b"")?;
+    let listening = work.join(format!("up{i}.sock"));
+    wait_socket(&listening)?;
+    let (code, answer) =
+        api(&socket, "PUT", "/v1/vm/migrate", &format!(r#"{{"destination":"{address}"}}"#))?;
+    if code != 200 {
+        return Err(format!("the migration failed ({code}): {answer}"));
+    }
+    dst.type_line(b"moved\n")?;
+    dst.wait_for("echo: moved", Duration::from_secs(30))?;
+    drop(src);
+    let ms = |name: &str| field(&answer, name).map(|us| us as f64 / 1e3);
+    Ok((
+        ms("total_us")?,
+        ms("downtime_us")?,
+        field(&answer, "bytes_sent")? as f64 / f64::from(1 << 20),
+    ))
+}
+
+/// `vanguard bench upgrade`: same-host VMM upgrade, memory handed over against copied.
+pub fn upgrade(runs: usize) -> Result<(), String> {
+    let work = scratch("upgrade")?;
+    let runs = runs.max(1);
+    println!("same-host VMM upgrade (live migration over a Unix socket), idle guest with its memory filled by `mem`, 1 vCPU, medians of {runs}:");
+    println!(
+        "  {:>8} {:>22} {:>10} {:>12} {:>10}",
+        "memory", "memory", "total ms", "downtime ms", "sent MiB"
+    );
+    let mut n = 0;
+    for memory in ["128M", "1G"] {
+        for shared in [true, false] {
+            let (mut total, mut down, mut sent) = (Vec::new(), Vec::new(), 0.0);
+            for _ in 0..runs {
+                let (t, d, s) = upgrade_once(&work.0, n, memory, shared)?;
+                n += 1;
+                total.push(t);
+                down.push(d);
+                sent = s;
+            }
+            println!(
+                "  {:>8} {:>22} {:>10.2} {:>12.2} {:>10.0}",
+                memory,
+                if shared { "handed over (memfd)" } else { "copied" },
+                median(&mut total),
+                median(&mut down),
+                sent
+            );
+        }
+    }
+    Ok(())
+}
