@@ -21,11 +21,7 @@ fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
 
-/// The `dirty: step N` numbers printed so far (whole lines only).
-fn steps(out: &str) -> Vec<u64> {
-    let out = &out[..out.rfind('\n').unwrap_or(0)];
-    out.lines().filter_map(|l| l.trim().strip_prefix("dirty: step ")?.parse().ok()).collect()
-}
+use common::dirty_steps as steps;
 
 fn wait_for_step(vm: &mut common::Running, seen: usize) -> u64 {
     let start = Instant::now();

@@ -19,11 +19,7 @@ fn ready() -> bool {
     common::kvm_available() && tool_available("curl", "--version", "curl")
 }
 
-/// The `dirty: step N` numbers printed so far (whole lines only).
-fn steps(out: &str) -> Vec<u64> {
-    let out = &out[..out.rfind('\n').unwrap_or(0)];
-    out.lines().filter_map(|l| l.trim().strip_prefix("dirty: step ")?.parse().ok()).collect()
-}
+use common::dirty_steps as steps;
 
 /// Waits until the guest has printed more `dirty: step` lines than `seen`.
 fn wait_for_step(vm: &mut common::Running, seen: usize) -> u64 {

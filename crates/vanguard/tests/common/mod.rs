@@ -6,6 +6,7 @@
 //! safely: each VM is its own process with its own files.
 #![allow(dead_code)]
 
+pub mod daemon;
 pub mod linux_qemu;
 pub mod net;
 
@@ -550,6 +551,13 @@ pub fn assert_diskwrite_pattern(path: &Path, original: &[u8], len: usize) {
         assert_eq!(*b, (o ^ (o >> 9) ^ 0xa5).to_le_bytes()[0], "byte {o} of the written disk");
     }
     assert!(written[len..] == original[len..], "bytes past the write changed");
+}
+
+/// The `dirty: step N` numbers the test guest's `dirty` scenario printed in `out` (whole
+/// lines only).
+pub fn dirty_steps(out: &str) -> Vec<u64> {
+    let out = &out[..out.rfind('\n').unwrap_or(0)];
+    out.lines().filter_map(|l| l.trim().strip_prefix("dirty: step ")?.parse().ok()).collect()
 }
 
 /// `curl` on a Unix socket, with an optional JSON body: (HTTP status, body).
