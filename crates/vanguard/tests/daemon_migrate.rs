@@ -417,3 +417,55 @@ fn migration_between_two_daemons() {
     });
     check_samples(&dst_client, samples);
 }
+
+/// A migration cancelled in its pre-copy (`vanguard vm cancel-migration`): the operation fails
+/// with the VMM's reason, the VM runs on in its VMM, the destination process is gone, and the
+/// guest verifies.
+#[test]
+fn a_cancelled_migration_leaves_the_vm_where_it_was() {
+    if !common::kvm_available() {
+        return;
+    }
+    let daemon = Daemon::start();
+    let client = daemon.client();
+    let rt = common::daemon::rt();
+    let pid = rt.block_on(start_dirty(&client, "stay"));
+    // 1 MiB/s: the pre-copy of 8 MiB takes seconds.
+    let op: Operation = rt
+        .block_on(client.post("/v1/vms/stay/migrate", &serde_json::json!({"bandwidth_mib_s": 1})))
+        .unwrap();
+    rt.block_on(async {
+        let start = Instant::now();
+        loop {
+            let now: Operation = client.get(&format!("/v1/operations/{}", op.id)).await.unwrap();
+            if now.migration.as_ref().is_some_and(|m| m.phase == "precopy") {
+                break;
+            }
+            assert_eq!(now.state, OperationState::Running, "{now:?}");
+            assert!(start.elapsed() < Duration::from_secs(20), "no pre-copy: {now:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let out = daemon.cli(&["vm", "cancel-migration", "stay"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    rt.block_on(async {
+        let done = wait_op(&client, &op).await;
+        assert_eq!(done.state, OperationState::Failed, "{done:?}");
+        assert!(done.error.as_deref().unwrap().contains("the migration failed"), "{done:?}");
+        let now = vm(&client, "stay").await;
+        assert_eq!((now.status.state, now.status.pid), (VmState::Running, Some(pid)));
+        let start = Instant::now();
+        while vmm_pids(&daemon.data()) != vec![pid] {
+            assert!(start.elapsed() < Duration::from_secs(10), "the destination VMM is left");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let step = *common::dirty_steps(&console(&client, "stay").await).last().unwrap();
+        step_above(&client, "stay", step).await;
+        verify(&client, "stay").await;
+        // It can still be paused through its own socket, and moved.
+        succeed(&client, "/v1/vms/stay/pause", &Value::Null).await;
+        succeed(&client, "/v1/vms/stay/resume", &Value::Null).await;
+        succeed(&client, "/v1/vms/stay/migrate", &serde_json::json!({})).await;
+        verify(&client, "stay").await;
+    });
+}
