@@ -282,11 +282,40 @@ impl Manager {
         } else if let Some(pid) = watch {
             let manager = self.clone();
             tokio::spawn(async move {
-                let _ = driver::wait_foreign(pid).await;
+                let mut pid = pid;
+                loop {
+                    let _ = driver::wait_foreign(pid).await;
+                    // A same-host migration that went on while the daemon was down: when its
+                    // source ends, the destination (same console) runs the VM.
+                    match manager.take_over(&name, pid) {
+                        Some(next) => pid = next,
+                        None => break,
+                    }
+                }
                 manager.process_ended(&name, 1, None);
             });
         }
         Ok(())
+    }
+
+    /// Process `ended` of a VM found again after a restart has ended: if another live process
+    /// writes the VM's console (the destination of a same-host migration), it becomes the
+    /// VM's; its pid.
+    fn take_over(&self, name: &str, ended: u32) -> Option<u32> {
+        let files = VmFiles::new(&self.data_dir, name);
+        let (pid, start) = driver::find_by_console(&files.console()).filter(|f| f.0 != ended)?;
+        let default = files.api_socket();
+        let mut taken = false;
+        self.update(name, |entry| {
+            if entry.generation == 1 && entry.record.vm.status.pid == Some(ended) {
+                let api = driver::arg_of(pid, "--api-socket").filter(|path| *path != default);
+                entry.take_process(pid, start, api);
+                // Still the generation its watcher knows.
+                entry.generation = 1;
+                taken = true;
+            }
+        });
+        taken.then_some(pid)
     }
 
     /// The files of VM `name`, with its current process's API socket.
