@@ -12,7 +12,7 @@ use common::daemon::{
 };
 
 use api::client::{Client, ClientError};
-use api::{Event, Operation, OperationState, Vm, VmState};
+use api::{Operation, OperationState, Vm, VmState};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -810,19 +810,8 @@ fn pause_and_resume_stop_and_restart_the_guest_cpu() {
     let mut daemon = Daemon::start();
     let client = daemon.client();
     let rt = multi_thread();
-    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Event>::new()));
-    let sink = events.clone();
-    let watcher = client.clone();
-    rt.spawn(async move {
-        let _ = watcher
-            .lines("/v1/events", |line| {
-                if let Ok(event) = serde_json::from_str::<Event>(line) {
-                    sink.lock().unwrap().push(event);
-                }
-                true
-            })
-            .await;
-    });
+    // Subscribed before anything happens, so the stream sees every event.
+    let events = Events::watch(&client);
     let pid = rt.block_on(async {
         let _: Vm = client.post("/v1/vms", &spec("p1")).await.unwrap();
         let (status, body) = status_code(&client, "POST", "/v1/vms/p1/pause", None).await;
@@ -880,13 +869,8 @@ fn pause_and_resume_stop_and_restart_the_guest_cpu() {
     let console = String::from_utf8_lossy(&daemon.cli(&["vm", "logs", "p1"]).stdout).to_string();
     assert!(console.contains("powerbutton: pressed"), "{console}");
     assert!(!pid_alive(pid));
-    let kinds: Vec<String> = events
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|e| e.vm.as_deref() == Some("p1") && e.kind.starts_with("vm."))
-        .map(|e| e.kind.clone())
-        .collect();
+    let kinds: Vec<String> =
+        events.kinds("p1").into_iter().filter(|k| k.starts_with("vm.")).collect();
     // The second daemon's stream is another subscription: only the first one's events here.
     assert_eq!(kinds[..4], ["vm.created", "vm.starting", "vm.running", "vm.paused"], "{kinds:?}");
 }
