@@ -71,15 +71,27 @@ impl Client {
     /// A client for a TLS listener at `addr` (`host:port`) whose certificate is signed by (or
     /// is) the PEM certificate `ca`, sending `token` as the bearer token.
     pub fn tls(addr: &str, ca: &Path, token: Option<String>) -> Result<Client, ClientError> {
+        let pem = std::fs::read(ca)
+            .map_err(|e| ClientError::Http(format!("TLS setup: {}: {e}", ca.display())))?;
+        Client::tls_pem(addr, &pem, &ca.display().to_string(), token)
+    }
+
+    /// As [`Client::tls`], with the certificate authority's PEM text itself; `label` names it
+    /// in errors.
+    pub fn tls_pem(
+        addr: &str,
+        pem: &[u8],
+        label: &str,
+        token: Option<String>,
+    ) -> Result<Client, ClientError> {
         let bad = |e: String| ClientError::Http(format!("TLS setup: {e}"));
-        let pem = std::fs::read(ca).map_err(|e| bad(format!("{}: {e}", ca.display())))?;
         let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let cert = cert.map_err(|e| bad(format!("{}: {e}", ca.display())))?;
-            roots.add(cert).map_err(|e| bad(format!("{}: {e}", ca.display())))?;
+        for cert in rustls_pemfile::certs(&mut &pem[..]) {
+            let cert = cert.map_err(|e| bad(format!("{label}: {e}")))?;
+            roots.add(cert).map_err(|e| bad(format!("{label}: {e}")))?;
         }
         if roots.is_empty() {
-            return Err(bad(format!("{}: no certificate in it", ca.display())));
+            return Err(bad(format!("{label}: no certificate in it")));
         }
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ClientConfig::builder_with_provider(provider)

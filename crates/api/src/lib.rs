@@ -217,6 +217,9 @@ pub enum VmState {
     Stopping,
     /// Its process ended with an error, or vanished.
     Failed,
+    /// Arriving by live migration from another daemon: its VMM process waits for the source
+    /// (`POST /v1/migrations/incoming`); `running` once the VM runs here.
+    Incoming,
 }
 
 /// How a VM's last process ended.
@@ -284,6 +287,14 @@ pub enum OperationKind {
     Pause,
     /// Resume a paused VM.
     Resume,
+    /// Write a snapshot of a running or paused VM.
+    Snapshot,
+    /// Run a VM on from one of its snapshots.
+    Restore,
+    /// Move a VM to a fresh VMM process here, or to another daemon, while it runs.
+    Migrate,
+    /// Receive a VM another daemon migrates here.
+    Incoming,
 }
 
 /// Where an operation is.
@@ -317,6 +328,10 @@ pub struct Operation {
     pub created_at: u64,
     /// When it finished.
     pub finished_at: Option<u64>,
+    /// For a migration: the VMM's figures (updated about every 200 ms while it runs; at the
+    /// end, the result with `total_us`, `downtime_us` and `state_bytes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<vmm::MigrationInfo>,
 }
 
 /// Something that happened, as the events stream (`GET /v1/events`) carries it: one JSON
@@ -328,7 +343,8 @@ pub struct Event {
     /// When (milliseconds since the Unix epoch).
     pub time_ms: u64,
     /// `vm.created`, `vm.starting`, `vm.running`, `vm.stopping`, `vm.stopped`, `vm.failed`,
-    /// `vm.restarting`, `vm.deleted`, `operation.succeeded`, `operation.failed`,
+    /// `vm.restarting`, `vm.paused`, `vm.resumed`, `vm.deleted`, `vm.snapshotted`,
+    /// `vm.restored`, `vm.migrated`, `vm.incoming`, `operation.succeeded`, `operation.failed`,
     /// `daemon.started`; `events.subscribed` (first line of every stream) and `events.lost`
     /// (a slow reader missed some).
     pub kind: String,
@@ -405,6 +421,91 @@ pub struct CreatedToken {
     pub token: String,
     /// When it was made.
     pub created_at: u64,
+}
+
+/// `POST /v1/vms/{name}/snapshots`: a snapshot to write into `<vm dir>/snapshots/<name>/`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewSnapshot {
+    /// 1 to 64 of `A-Z a-z 0-9 . _ -`, not starting with '.'. Writing to an existing name
+    /// replaces that snapshot (or, with `incremental`, updates it).
+    pub name: String,
+    /// Write only the pages the guest wrote since this VMM process last wrote this snapshot
+    /// (docs/snapshot.md).
+    #[serde(default)]
+    pub incremental: bool,
+}
+
+/// A snapshot of a VM, as `GET /v1/vms/{name}/snapshots` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotEntry {
+    /// Its name.
+    pub name: String,
+    /// When its state file was last written (seconds since the Unix epoch).
+    pub created_at: Option<u64>,
+    /// Bytes it takes on disk (the memory file is sparse: zero pages take nothing).
+    pub size_bytes: u64,
+    /// The VM's generation in it (0 at boot, +1 per snapshot), if its state file can be read.
+    pub generation: Option<u64>,
+    /// Whether it can be restored: a state file that checks out (an interrupted incremental
+    /// snapshot leaves memory without state).
+    pub complete: bool,
+}
+
+/// `POST /v1/vms/{name}/restore`: which snapshot to run the VM on from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    /// The snapshot's name.
+    pub snapshot: String,
+}
+
+/// `POST /v1/vms/{name}/migrate`: where and how to move a running VM. Without `to`, to a
+/// fresh VMM process on this host (e.g. after upgrading the `vanguard` binary).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateVmRequest {
+    /// The destination daemon: `tcp:HOST:PORT` (TLS; with `token` and `ca_cert`) or
+    /// `unix:PATH`.
+    #[serde(default)]
+    pub to: Option<String>,
+    /// The bearer token for a `tcp:` destination.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// The PEM certificate (the text, not a path) that signed a `tcp:` destination's own.
+    #[serde(default)]
+    pub ca_cert: Option<String>,
+    /// The longest the guest may stop for the final copy, ms (default 300).
+    #[serde(default)]
+    pub max_downtime_ms: Option<u64>,
+    /// Send at most this many MiB/s (default: no limit).
+    #[serde(default)]
+    pub bandwidth_mib_s: Option<u64>,
+    /// Hold the vCPUs part of the time when the guest dirties memory faster than the link
+    /// sends it (default true).
+    #[serde(default)]
+    pub auto_converge: Option<bool>,
+}
+
+/// `POST /v1/migrations/incoming`: another daemon is about to send VM `name`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingRequest {
+    /// The VM's name (the spec's).
+    pub name: String,
+    /// Its spec, as the source daemon has it (its paths must exist here).
+    pub spec: VmSpec,
+}
+
+/// The answer to `POST /v1/migrations/incoming`: where the source's VMM sends the VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct IncomingAccepted {
+    /// The VM as defined here (state `incoming`).
+    pub vm: Vm,
+    /// The address the VMM here listens on: `tcp:IP:PORT`.
+    pub address: String,
+    /// The operation that ends when the VM runs here (or is given up).
+    pub operation: Operation,
 }
 
 /// Every error the API returns: the HTTP status says what kind, this says what.

@@ -18,12 +18,43 @@ use tokio::io::unix::AsyncFd;
 pub struct VmFiles {
     /// The directory.
     pub dir: PathBuf,
+    /// The current VMM's API socket, where it is not the default `vmm.sock` (after a
+    /// same-host migration).
+    api: Option<PathBuf>,
 }
 
 impl VmFiles {
     /// The files of VM `name` under `data_dir`.
     pub fn new(data_dir: &Path, name: &str) -> VmFiles {
-        VmFiles { dir: data_dir.join("vms").join(name) }
+        VmFiles { dir: data_dir.join("vms").join(name), api: None }
+    }
+
+    /// The same, with the current VMM's API socket at `api` (None: the default).
+    pub fn with_api_socket(mut self, api: Option<PathBuf>) -> VmFiles {
+        self.api = api;
+        self
+    }
+
+    /// The directory of the VM's snapshots, one directory each.
+    pub fn snapshots(&self) -> PathBuf {
+        self.dir.join("snapshots")
+    }
+
+    /// The socket a same-host migration's destination VMM listens on for the stream.
+    pub fn migrate_socket(&self) -> PathBuf {
+        self.dir.join("migrate.sock")
+    }
+
+    /// The API socket of the destination VMM of a same-host migration: the other one of
+    /// `vmm.sock` and `vmm-b.sock` than the current VMM's, so that the two processes never
+    /// share a path (each removes its own when it ends).
+    pub fn next_api_socket(&self) -> PathBuf {
+        let default = self.dir.join("vmm.sock");
+        if self.api_socket() == default {
+            self.dir.join("vmm-b.sock")
+        } else {
+            default
+        }
     }
 
     /// The serial console's output.
@@ -36,9 +67,10 @@ impl VmFiles {
         self.dir.join("console.in")
     }
 
-    /// The per-VM API socket of Vanguard's VMM (`vanguard vmm --api-socket`).
+    /// The per-VM API socket of Vanguard's VMM (`vanguard vmm --api-socket`): `vmm.sock`,
+    /// or after a same-host migration the one the current process was started with.
     pub fn api_socket(&self) -> PathBuf {
-        self.dir.join("vmm.sock")
+        self.api.clone().unwrap_or_else(|| self.dir.join("vmm.sock"))
     }
 
     /// QEMU's QMP socket.
@@ -61,9 +93,7 @@ pub fn vmm_args(spec: &VmSpec, console: &Path) -> Vec<OsString> {
         "--memory".into(),
         format!("{}M", spec.memory_mib).into(),
     ];
-    let mut serial = OsString::from("file:");
-    serial.push(console);
-    args.extend(["--serial".into(), serial, "--serial-max".into(), CONSOLE_MAX.into()]);
+    args.extend(serial_args(console));
     if let Some(kernel) = &spec.boot.kernel {
         args.extend(["--kernel".into(), kernel.into()]);
     }
@@ -97,6 +127,43 @@ pub fn vmm_args(spec: &VmSpec, console: &Path) -> Vec<OsString> {
         ]);
     }
     args
+}
+
+/// `--serial file:CONSOLE --serial-max 1M`: every VMM run of the daemon writes its console so
+/// (and is found again by it, [`find_by_console`]).
+pub fn serial_args(console: &Path) -> [OsString; 4] {
+    let mut serial = OsString::from("file:");
+    serial.push(console);
+    ["--serial".into(), serial, "--serial-max".into(), CONSOLE_MAX.into()]
+}
+
+/// The value after `flag` on the command line of process `pid` (e.g. its `--api-socket`).
+pub fn arg_of(pid: u32, flag: &str) -> Option<PathBuf> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let mut args = cmdline.split(|&b| b == 0);
+    args.by_ref().find(|a| *a == flag.as_bytes())?;
+    let value = args.next().filter(|v| !v.is_empty())?;
+    Some(PathBuf::from(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(value)))
+}
+
+/// Whether a migration destination listens at `address` (`unix:PATH` or `tcp:HOST:PORT`),
+/// looked up without connecting (the VMM takes exactly one connection): the socket file, or a
+/// TCP socket listening on the port in /proc/net/tcp or tcp6.
+pub fn listening(address: &str) -> bool {
+    if let Some(path) = address.strip_prefix("unix:") {
+        return std::fs::symlink_metadata(path).is_ok();
+    }
+    let Some(port) = address.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()) else {
+        return false;
+    };
+    let wanted = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
+        std::fs::read_to_string(table).unwrap_or_default().lines().skip(1).any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local address, remote address, state (0A: LISTEN)
+            fields.len() > 3 && fields[1].ends_with(&wanted) && fields[3] == "0A"
+        })
+    })
 }
 
 /// Checks that the host files a spec names exist (the field at fault, and why, if not).

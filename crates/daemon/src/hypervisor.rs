@@ -7,7 +7,8 @@
 //! - [`QemuDriver`]: `qemu-system-x86_64` with QMP on `<vm dir>/qmp.sock`; the power button is
 //!   `system_powerdown`, pause and resume are `stop` and `cont`.
 
-use crate::driver::{qmp, signal, vmm_args, Invocation, VmFiles};
+use crate::driver::{qmp, serial_args, signal, vmm_args, Invocation, VmFiles};
+use api::vmm::{MigrateRequest, MigrationInfo, SnapshotInfo, SnapshotRequest, VmmInfo};
 use api::{DriverInfo, VmSpec};
 use std::ffi::OsString;
 use std::future::Future;
@@ -38,6 +39,64 @@ pub trait Driver: Send + Sync {
         files: &'a VmFiles,
         pause: bool,
     ) -> BoxFuture<'a, Result<(), String>>;
+    /// The process that runs the VM on from snapshot directory `dir` (the machine comes from
+    /// the snapshot).
+    fn restore_invocation(&self, dir: &Path, files: &VmFiles) -> Result<Invocation, String> {
+        let _ = (dir, files);
+        Err(self.no_transfers())
+    }
+    /// The process that waits for a VM migrated to `from` (`tcp:IP:PORT` or `unix:PATH`) and
+    /// then serves its API on `api_socket`.
+    fn incoming_invocation(
+        &self,
+        from: &str,
+        files: &VmFiles,
+        api_socket: &Path,
+    ) -> Result<Invocation, String> {
+        let _ = (from, files, api_socket);
+        Err(self.no_transfers())
+    }
+    /// Writes a snapshot of the running (or paused) VM.
+    fn snapshot<'a>(
+        &'a self,
+        files: &'a VmFiles,
+        request: SnapshotRequest,
+    ) -> BoxFuture<'a, Result<SnapshotInfo, String>> {
+        let _ = (files, request);
+        Box::pin(async move { Err(self.no_transfers()) })
+    }
+    /// Migrates the VM to a destination VMM; the result once it runs there (the VMM here then
+    /// ends), or why not (the guest runs on here).
+    fn migrate<'a>(
+        &'a self,
+        files: &'a VmFiles,
+        request: MigrateRequest,
+    ) -> BoxFuture<'a, Result<MigrationInfo, String>> {
+        let _ = (files, request);
+        Box::pin(async move { Err(self.no_transfers()) })
+    }
+    /// The progress of the VM's current (or last) migration.
+    fn migration<'a>(&'a self, files: &'a VmFiles) -> BoxFuture<'a, Result<MigrationInfo, String>> {
+        let _ = files;
+        Box::pin(async move { Err(self.no_transfers()) })
+    }
+    /// Stops the VM's migration in its pre-copy (the guest runs on here).
+    fn cancel_migration<'a>(&'a self, files: &'a VmFiles) -> BoxFuture<'a, Result<(), String>> {
+        let _ = files;
+        Box::pin(async move { Err(self.no_transfers()) })
+    }
+    /// What the VMM says of its VM.
+    fn vmm_info<'a>(&'a self, files: &'a VmFiles) -> BoxFuture<'a, Result<VmmInfo, String>> {
+        let _ = files;
+        Box::pin(async move { Err(self.no_transfers()) })
+    }
+    /// Why snapshots and migration are refused for this driver's VMs.
+    fn no_transfers(&self) -> String {
+        format!(
+            "the {} hypervisor driver does not do snapshots or live migration (Vanguard's VMM does)",
+            self.info().name
+        )
+    }
 }
 
 /// Both drivers, by hypervisor.
@@ -107,20 +166,101 @@ impl Driver for VanguardDriver {
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
             let path = if pause { "/v1/vm/pause" } else { "/v1/vm/resume" };
-            let client = api::client::Client::unix(files.api_socket());
-            let (status, body) = client
-                .raw("PUT", path, None)
-                .await
-                .map_err(|e| format!("the VMM's API socket: {e}"))?;
-            if status == 200 {
-                return Ok(());
-            }
-            let error = serde_json::from_slice::<api::ApiError>(&body)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-            Err(format!("the VMM refused ({status}): {error}"))
+            vmm_call::<serde_json::Value>(files, "PUT", path, None).await.map(|_| ())
         })
     }
+
+    fn restore_invocation(&self, dir: &Path, files: &VmFiles) -> Result<Invocation, String> {
+        Ok(self.machine_from("--restore", dir.into(), files, &files.api_socket()))
+    }
+
+    fn incoming_invocation(
+        &self,
+        from: &str,
+        files: &VmFiles,
+        api_socket: &Path,
+    ) -> Result<Invocation, String> {
+        Ok(self.machine_from("--migrate-from", from.into(), files, api_socket))
+    }
+
+    fn snapshot<'a>(
+        &'a self,
+        files: &'a VmFiles,
+        request: SnapshotRequest,
+    ) -> BoxFuture<'a, Result<SnapshotInfo, String>> {
+        Box::pin(async move {
+            let body = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
+            vmm_call(files, "PUT", "/v1/vm/snapshot", Some(body)).await
+        })
+    }
+
+    fn migrate<'a>(
+        &'a self,
+        files: &'a VmFiles,
+        request: MigrateRequest,
+    ) -> BoxFuture<'a, Result<MigrationInfo, String>> {
+        Box::pin(async move {
+            let body = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
+            vmm_call(files, "PUT", "/v1/vm/migrate", Some(body)).await
+        })
+    }
+
+    fn migration<'a>(&'a self, files: &'a VmFiles) -> BoxFuture<'a, Result<MigrationInfo, String>> {
+        Box::pin(vmm_call(files, "GET", "/v1/vm/migration", None))
+    }
+
+    fn cancel_migration<'a>(&'a self, files: &'a VmFiles) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            vmm_call::<serde_json::Value>(files, "PUT", "/v1/vm/migration/cancel", None)
+                .await
+                .map(|_| ())
+        })
+    }
+
+    fn vmm_info<'a>(&'a self, files: &'a VmFiles) -> BoxFuture<'a, Result<VmmInfo, String>> {
+        Box::pin(vmm_call(files, "GET", "/v1/vm", None))
+    }
+}
+
+impl VanguardDriver {
+    /// `vanguard vmm FLAG VALUE` with the VM's console and `api_socket`: a VMM that takes
+    /// the machine from a snapshot (`--restore DIR`) or a source (`--migrate-from ADDRESS`),
+    /// so nothing of the spec is passed.
+    fn machine_from(
+        &self,
+        flag: &str,
+        value: OsString,
+        files: &VmFiles,
+        api_socket: &Path,
+    ) -> Invocation {
+        let mut args: Vec<OsString> = vec!["vmm".into(), flag.into(), value];
+        args.extend(serial_args(&files.console()));
+        args.extend(["--api-socket".into(), api_socket.into()]);
+        Invocation { program: self.exe.clone(), args, stdout_is_console: false, qmp: None }
+    }
+}
+
+/// A request to the VMM's per-VM API socket: the answer decoded, or the VMM's reason.
+async fn vmm_call<T: serde::de::DeserializeOwned>(
+    files: &VmFiles,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> Result<T, String> {
+    let client = api::client::Client::unix(files.api_socket());
+    let (status, body) = client
+        .raw(method, path, body)
+        .await
+        .map_err(|e| format!("the VMM's API socket {}: {e}", files.api_socket().display()))?;
+    if (200..300).contains(&status) {
+        let body = if body.is_empty() { b"null".to_vec() } else { body };
+        return serde_json::from_slice(&body)
+            .map_err(|e| format!("unexpected answer from the VMM to {method} {path}: {e}"));
+    }
+    let error = serde_json::from_slice::<api::ApiError>(&body)
+        .map(|e| e.error)
+        .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+    Err(format!("the VMM refused ({status}): {error}"))
 }
 
 /// QEMU.

@@ -169,7 +169,10 @@ async fn serve_tls(
             },
             _ = stop.changed() => return,
         };
-        let (acceptor, router) = (acceptor.clone(), router.clone());
+        // Where the client reached this daemon: an incoming migration's VMM listens there.
+        let local = stream.local_addr().map_or(std::net::IpAddr::from([127, 0, 0, 1]), |a| a.ip());
+        let router = router.clone().layer(axum::Extension(server::LocalAddr(local)));
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
             // A client that does not speak TLS, or gives up, just loses its connection.
             let Ok(stream) =

@@ -22,6 +22,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use tokio::sync::{broadcast, Notify};
 
+mod transfer;
+pub use transfer::check_snapshot_name;
+
 /// How long a graceful stop waits for the guest before the VMM is killed, by default.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a start waits for the VMM to report its vCPUs running.
@@ -45,6 +48,21 @@ impl Failure {
     /// 400 about a spec field.
     pub fn spec(e: api::SpecError) -> Failure {
         Failure { status: 400, error: ApiError { error: e.reason, field: Some(e.field) } }
+    }
+    /// 400 about a field of a request body.
+    pub fn field(field: &str, message: impl Into<String>) -> Failure {
+        Failure {
+            status: 400,
+            error: ApiError { error: message.into(), field: Some(field.into()) },
+        }
+    }
+    /// 404.
+    pub fn missing(message: impl Into<String>) -> Failure {
+        Failure::new(404, message)
+    }
+    /// 500.
+    pub fn internal(message: impl Into<String>) -> Failure {
+        Failure::new(500, message)
     }
     /// 400.
     pub fn bad_request(message: impl Into<String>) -> Failure {
@@ -76,6 +94,54 @@ struct Entry {
     generation: u64,
     /// The daemon asked the current process to end (a stop), so its end is not a failure.
     stop_requested: bool,
+    /// The generation of a process migrating away (a migration's source): its end is the
+    /// migration's to interpret, not a stop or a failure.
+    handover: Option<u64>,
+    /// How that process ended, once it has (its exit status, if known).
+    handed_over: Option<Option<std::process::ExitStatus>>,
+}
+
+impl Entry {
+    /// Makes process `pid` (started at `proc_start`, serving its API on `api_socket`, None
+    /// for the default) the VM's, as a new generation; that generation.
+    fn take_process(
+        &mut self,
+        pid: u32,
+        proc_start: Option<u64>,
+        api_socket: Option<PathBuf>,
+    ) -> u64 {
+        self.generation += 1;
+        self.stop_requested = false;
+        self.handover = None;
+        self.handed_over = None;
+        self.record.proc_start = proc_start;
+        self.record.api_socket = api_socket;
+        let status = &mut self.record.vm.status;
+        status.pid = Some(pid);
+        status.started_at = Some(api::now_secs());
+        self.generation
+    }
+
+    fn new(record: VmRecord, generation: u64) -> Entry {
+        Entry {
+            record,
+            busy: None,
+            generation,
+            stop_requested: false,
+            handover: None,
+            handed_over: None,
+        }
+    }
+}
+
+/// What a VMM process is started for.
+pub(crate) enum Launch {
+    /// Booting the spec.
+    Boot,
+    /// Running on from this snapshot directory.
+    Restore(PathBuf),
+    /// Receiving the VM by live migration on this address (`tcp:IP:PORT`).
+    Incoming(String),
 }
 
 /// The manager, shared by the API handlers and the tasks it starts.
@@ -146,7 +212,11 @@ impl Manager {
         let status = &mut record.vm.status;
         let had_process = matches!(
             status.state,
-            VmState::Running | VmState::Starting | VmState::Stopping | VmState::Paused
+            VmState::Running
+                | VmState::Starting
+                | VmState::Stopping
+                | VmState::Paused
+                | VmState::Incoming
         );
         let mut watch = None;
         if had_process {
@@ -162,13 +232,25 @@ impl Manager {
             match found {
                 Some((pid, start)) => {
                     // Only the daemon pauses and resumes: a paused VM is still paused.
-                    if status.state != VmState::Paused {
+                    if !matches!(status.state, VmState::Paused | VmState::Incoming) {
                         status.state = VmState::Running;
                     }
+                    // A same-host migration may have moved it to another socket, or ended
+                    // while the daemon was down: the process's own command line says.
+                    let default = VmFiles::new(&self.data_dir, &name).api_socket();
+                    record.api_socket =
+                        driver::arg_of(pid, "--api-socket").filter(|path| *path != default);
                     status.pid = Some(pid);
                     status.started_at = status.started_at.or(Some(api::now_secs()));
                     record.proc_start = start;
                     watch = Some(pid);
+                }
+                None if status.state == VmState::Incoming => {
+                    // It never arrived: nothing of it is left here.
+                    self.store.delete_vm(&name)?;
+                    let _ = std::fs::remove_dir_all(VmFiles::new(&self.data_dir, &name).dir);
+                    self.cgroups.remove(&name);
+                    return Ok(());
                 }
                 None => {
                     let reason = if status.state == VmState::Starting {
@@ -189,22 +271,61 @@ impl Manager {
             }
             self.store.put_vm(&record)?;
         }
-        lock(&self.vms).insert(
-            name.clone(),
-            Entry { record, busy: None, generation: 1, stop_requested: false },
-        );
-        if let Some(pid) = watch {
+        let incoming = record.vm.status.state == VmState::Incoming;
+        lock(&self.vms).insert(name.clone(), Entry::new(record, 1));
+        if incoming {
+            // Its migration's operation ended with the old daemon: the VM either arrives (the
+            // VMM says it runs) or its process ends (the VM is removed).
+            let manager = self.clone();
+            let name = name.clone();
+            tokio::spawn(async move { manager.settle_incoming(&name).await });
+        } else if let Some(pid) = watch {
             let manager = self.clone();
             tokio::spawn(async move {
-                let _ = driver::wait_foreign(pid).await;
+                let mut pid = pid;
+                loop {
+                    let _ = driver::wait_foreign(pid).await;
+                    // A same-host migration that went on while the daemon was down: when its
+                    // source ends, the destination (same console) runs the VM.
+                    match manager.take_over(&name, pid) {
+                        Some(next) => pid = next,
+                        None => break,
+                    }
+                }
                 manager.process_ended(&name, 1, None);
             });
         }
         Ok(())
     }
 
+    /// Process `ended` of a VM found again after a restart has ended: if another live process
+    /// writes the VM's console (the destination of a same-host migration), it becomes the
+    /// VM's; its pid.
+    fn take_over(&self, name: &str, ended: u32) -> Option<u32> {
+        let files = VmFiles::new(&self.data_dir, name);
+        let (pid, start) = driver::find_by_console(&files.console()).filter(|f| f.0 != ended)?;
+        let default = files.api_socket();
+        let mut taken = false;
+        self.update(name, |entry| {
+            if entry.generation == 1 && entry.record.vm.status.pid == Some(ended) {
+                let api = driver::arg_of(pid, "--api-socket").filter(|path| *path != default);
+                entry.take_process(pid, start, api);
+                // Still the generation its watcher knows.
+                entry.generation = 1;
+                taken = true;
+            }
+        });
+        taken.then_some(pid)
+    }
+
+    /// The files of VM `name`, with its current process's API socket.
+    pub(crate) fn files(&self, name: &str) -> VmFiles {
+        let api = lock(&self.vms).get(name).and_then(|e| e.record.api_socket.clone());
+        VmFiles::new(&self.data_dir, name).with_api_socket(api)
+    }
+
     /// Sends an event to every listener of the stream.
-    fn emit(&self, kind: &str, vm: Option<&str>, operation: Option<u64>, message: &str) {
+    pub(crate) fn emit(&self, kind: &str, vm: Option<&str>, operation: Option<u64>, message: &str) {
         let seq = self.event_seq.fetch_add(1, Ordering::Relaxed) + 1;
         let _ = self.events.send(Event {
             seq,
@@ -292,13 +413,10 @@ impl Manager {
             return Err(Failure::conflict(format!("a VM named '{}' exists", spec.name)));
         }
         let vm = Vm { spec, status: VmStatus::default(), created_at: api::now_secs() };
-        let record = VmRecord { vm: vm.clone(), proc_start: None };
+        let record = VmRecord { vm: vm.clone(), proc_start: None, api_socket: None };
         self.store.put_vm(&record)?;
         let name = vm.spec.name.clone();
-        vms.insert(
-            name.clone(),
-            Entry { record, busy: None, generation: 0, stop_requested: false },
-        );
+        vms.insert(name.clone(), Entry::new(record, 0));
         drop(vms);
         self.emit("vm.created", Some(&name), None, "defined");
         Ok(vm)
@@ -390,6 +508,7 @@ impl Manager {
             error: None,
             created_at: api::now_secs(),
             finished_at: None,
+            migration: None,
         };
         self.store.put_operation(&op)?;
         entry.busy = Some(op.id);
@@ -399,8 +518,21 @@ impl Manager {
     }
 
     fn progress(&self, id: u64, text: &str) {
+        self.progress_with(id, text, None);
+    }
+
+    /// Sets operation `id`'s progress, and its migration figures if `migration` is given.
+    pub(crate) fn progress_with(
+        &self,
+        id: u64,
+        text: &str,
+        migration: Option<api::vmm::MigrationInfo>,
+    ) {
         if let Some(op) = lock(&self.operations).get_mut(&id) {
             op.progress = text.into();
+            if migration.is_some() {
+                op.migration = migration;
+            }
         }
         self.changed.notify_waiters();
     }
@@ -477,11 +609,22 @@ impl Manager {
     /// Launches the VM's process and watches it; the operation's result.
     async fn run_start(self: &Arc<Self>, name: &str, op: u64) -> Result<String, String> {
         self.progress(op, "starting the VMM process");
-        let generation = self.launch(name)?;
+        let generation = self.launch(name, &Launch::Boot)?;
         self.progress(op, "waiting for the VM's vCPUs to run");
+        self.wait_running(name, generation, START_TIMEOUT).await
+    }
+
+    /// Waits until the VM's process of `generation` reports its vCPUs running (the result),
+    /// or ends first (why); kills it after `timeout`.
+    pub(crate) async fn wait_running(
+        &self,
+        name: &str,
+        generation: u64,
+        timeout: Duration,
+    ) -> Result<String, String> {
         // The VMM says when every vCPU runs (its ready pipe); a VMM that fails first ends.
         let outcome = self
-            .wait_until(START_TIMEOUT, || {
+            .wait_until(timeout, || {
                 let vms = lock(&self.vms);
                 let Some(entry) = vms.get(name) else {
                     return Some(Err(format!("'{name}' was deleted")));
@@ -492,7 +635,7 @@ impl Manager {
                     (VmState::Stopped, true) => {
                         Some(Ok("started; the guest has already powered off".into()))
                     }
-                    (VmState::Starting, true) => None,
+                    (VmState::Starting | VmState::Incoming, true) => None,
                     _ => Some(Err(status
                         .last_exit
                         .as_ref()
@@ -509,7 +652,7 @@ impl Manager {
         }
         Err(format!(
             "the VMM did not report its vCPUs running within {}s; killed",
-            START_TIMEOUT.as_secs()
+            timeout.as_secs()
         ))
     }
 
@@ -526,16 +669,23 @@ impl Manager {
         });
     }
 
-    /// Starts the VMM process for `name`; returns its generation.
-    fn launch(self: &Arc<Self>, name: &str) -> Result<u64, String> {
+    /// Starts the VMM process for `name` (booting its spec, restoring a snapshot, or waiting
+    /// for an incoming migration, as `how` says); returns its generation.
+    pub(crate) fn launch(self: &Arc<Self>, name: &str, how: &Launch) -> Result<u64, String> {
         let spec = self.get(name).map_err(|e| e.error.error)?.spec;
+        // A fresh process serves its API on the default socket.
         let files = VmFiles::new(&self.data_dir, name);
         // A fresh console for each run.
         let _ = std::fs::create_dir_all(&files.dir);
         let _ = std::fs::remove_file(files.console());
-        let invocation = driver::check_files(&spec)
-            .map_err(|e| e.to_string())
-            .and_then(|()| self.drivers.get(spec.hypervisor).invocation(&spec, &files));
+        let driver = self.drivers.get(spec.hypervisor);
+        let invocation = match how {
+            Launch::Boot => driver::check_files(&spec)
+                .map_err(|e| e.to_string())
+                .and_then(|()| driver.invocation(&spec, &files)),
+            Launch::Restore(dir) => driver.restore_invocation(dir, &files),
+            Launch::Incoming(from) => driver.incoming_invocation(from, &files, &files.api_socket()),
+        };
         let invocation = match invocation {
             Ok(invocation) => invocation,
             Err(reason) => {
@@ -545,16 +695,13 @@ impl Manager {
         };
         // Stored before the process exists: a daemon killed in between finds the process by
         // its console path when it comes back.
-        self.update(name, |entry| entry.record.vm.status.state = VmState::Starting);
-        self.emit("vm.starting", Some(name), None, "starting");
-        let launched = match self
-            .cgroups
-            .prepare(name, &spec.limits)
-            .map_err(|e| format!("cannot set up the VM's cgroup: {e}"))
-            .and_then(|procs| {
-                driver::launch(&invocation, &files, procs)
-                    .map_err(|e| format!("cannot start {}: {e}", invocation.program.display()))
-            }) {
+        let (state, event) = match how {
+            Launch::Incoming(_) => (VmState::Incoming, "vm.incoming"),
+            _ => (VmState::Starting, "vm.starting"),
+        };
+        self.update(name, |entry| entry.record.vm.status.state = state);
+        self.emit(event, Some(name), None, state_name(state));
+        let launched = match self.spawn_vmm(name, &spec.limits, &invocation, &files) {
             Ok(launched) => launched,
             Err(reason) => {
                 self.mark_start_failed(name, &reason);
@@ -564,25 +711,47 @@ impl Manager {
         };
         let mut generation = 0;
         self.update(name, |entry| {
-            entry.generation += 1;
-            generation = entry.generation;
-            entry.stop_requested = false;
-            entry.record.proc_start = launched.proc_start;
-            let status = &mut entry.record.vm.status;
-            status.pid = Some(launched.pid);
-            status.started_at = Some(api::now_secs());
+            generation = entry.take_process(launched.pid, launched.proc_start, None);
         });
-        let pid = launched.pid;
+        self.watch(name, generation, launched.child, launched.ready);
+        Ok(generation)
+    }
+
+    /// Makes VM `name`'s cgroup (with `limits`) and starts `invocation` in it.
+    pub(crate) fn spawn_vmm(
+        &self,
+        name: &str,
+        limits: &api::Limits,
+        invocation: &driver::Invocation,
+        files: &VmFiles,
+    ) -> Result<driver::Launched, String> {
+        self.cgroups
+            .prepare(name, limits)
+            .map_err(|e| format!("cannot set up the VM's cgroup: {e}"))
+            .and_then(|procs| {
+                driver::launch(invocation, files, procs)
+                    .map_err(|e| format!("cannot start {}: {e}", invocation.program.display()))
+            })
+    }
+
+    /// Watches the VM's current process (generation `generation`): its end, and its report
+    /// that the VM runs (a starting or incoming VM is then `running`).
+    pub(crate) fn watch(
+        self: &Arc<Self>,
+        name: &str,
+        generation: u64,
+        mut child: tokio::process::Child,
+        mut ready: driver::Ready,
+    ) {
+        let pid = child.id().unwrap_or(0);
         let manager = self.clone();
         let owned = name.to_string();
-        let mut child = launched.child;
         tokio::spawn(async move {
             let status = child.wait().await.ok();
             manager.process_ended(&owned, generation, status);
         });
         let manager = self.clone();
         let owned = name.to_string();
-        let mut ready = launched.ready;
         tokio::spawn(async move {
             if !driver::wait_ready(&mut ready).await {
                 return; // it ended first: process_ended says how
@@ -590,7 +759,9 @@ impl Manager {
             let mut now_running = false;
             manager.update_quietly(&owned, |entry| {
                 let status = &mut entry.record.vm.status;
-                if entry.generation == generation && status.state == VmState::Starting {
+                if entry.generation == generation
+                    && matches!(status.state, VmState::Starting | VmState::Incoming)
+                {
                     status.state = VmState::Running;
                     now_running = true;
                 }
@@ -601,7 +772,6 @@ impl Manager {
             // The start waiting on this wakes after the event.
             manager.changed.notify_waiters();
         });
-        Ok(generation)
     }
 
     /// A VM's process ended (`status` unknown for one found again after a restart).
@@ -617,6 +787,7 @@ impl Manager {
         };
         let mut restart = false;
         let mut stale = true;
+        let mut handed_over = false;
         let files = VmFiles::new(&self.data_dir, name);
         // Waiters (a stop) wake after the event, so the stream shows the VM stopped before
         // the operation that stopped it succeeds.
@@ -624,7 +795,19 @@ impl Manager {
             if entry.generation != generation {
                 return;
             }
+            if entry.handover == Some(generation) {
+                // A migration's source: the migration says what its end means.
+                entry.handed_over = Some(status);
+                handed_over = true;
+                return;
+            }
             stale = false;
+            // A VM that never arrived is not started again (the incoming operation removes it).
+            let incoming = entry.record.vm.status.state == VmState::Incoming;
+            if incoming {
+                failed = true;
+                reason = format!("the incoming migration ended: {reason}");
+            }
             if entry.stop_requested {
                 failed = false;
                 reason = format!("stopped ({reason})");
@@ -642,6 +825,7 @@ impl Manager {
                 Some(ExitInfo { code, signal, reason: reason.clone(), at: api::now_secs() });
             entry.record.proc_start = None;
             restart = !entry.stop_requested
+                && !incoming
                 && match entry.record.vm.spec.restart {
                     RestartPolicy::Never => false,
                     RestartPolicy::OnFailure => failed,
@@ -649,6 +833,9 @@ impl Manager {
                 };
             entry.stop_requested = false;
         });
+        if handed_over {
+            self.changed.notify_waiters();
+        }
         if stale {
             return;
         }
@@ -677,7 +864,7 @@ impl Manager {
         }
         self.update(name, |entry| entry.record.vm.status.restarts += 1);
         self.emit("vm.restarting", Some(name), None, "restart policy");
-        if let Err(e) = self.launch(name) {
+        if let Err(e) = self.launch(name, &Launch::Boot) {
             tracing::warn!("restarting {name}: {e}");
         }
     }
@@ -732,7 +919,7 @@ impl Manager {
             // A paused guest cannot see the power button.
             self.progress(op, "resuming the paused VM so that the guest can shut down");
             let hypervisor = self.get(name).map_err(|e| e.error.error)?.spec.hypervisor;
-            let files = VmFiles::new(&self.data_dir, name);
+            let files = self.files(name);
             if let Err(e) = self.drivers.get(hypervisor).set_paused(&files, false).await {
                 self.progress(op, &format!("cannot resume ({e}); waiting anyway"));
             }
@@ -746,7 +933,7 @@ impl Manager {
                 ),
             );
             let hypervisor = self.get(name).map_err(|e| e.error.error)?.spec.hypervisor;
-            let files = VmFiles::new(&self.data_dir, name);
+            let files = self.files(name);
             if let Err(e) = self.drivers.get(hypervisor).power_button(&files, pid).await {
                 self.progress(op, &format!("the power button failed ({e}); waiting anyway"));
             }
@@ -790,7 +977,7 @@ impl Manager {
 
     async fn run_set_paused(&self, name: &str, pause: bool) -> Result<String, String> {
         let spec = self.get(name).map_err(|e| e.error.error)?.spec;
-        let files = VmFiles::new(&self.data_dir, name);
+        let files = self.files(name);
         self.drivers.get(spec.hypervisor).set_paused(&files, pause).await?;
         let (from, to, kind, text) = if pause {
             (VmState::Running, VmState::Paused, "vm.paused", "paused")
@@ -882,7 +1069,7 @@ impl Manager {
 }
 
 /// A state's name in messages (as the API spells it).
-fn state_name(state: VmState) -> &'static str {
+pub(crate) fn state_name(state: VmState) -> &'static str {
     match state {
         VmState::Stopped => "stopped",
         VmState::Starting => "starting",
@@ -890,5 +1077,6 @@ fn state_name(state: VmState) -> &'static str {
         VmState::Paused => "paused",
         VmState::Stopping => "stopping",
         VmState::Failed => "failed",
+        VmState::Incoming => "incoming",
     }
 }

@@ -39,6 +39,14 @@ use utoipa::OpenApi;
         restart_vm,
         pause_vm,
         resume_vm,
+        create_snapshot,
+        list_snapshots,
+        delete_snapshot,
+        restore_vm,
+        migrate_vm,
+        cancel_migration,
+        incoming_migration,
+        cancel_incoming,
         console,
         console_ws,
         list_operations,
@@ -65,7 +73,14 @@ use utoipa::OpenApi;
         Event,
         HostInfo,
         DriverInfo,
-        ApiError
+        ApiError,
+        api::NewSnapshot,
+        api::SnapshotEntry,
+        api::RestoreRequest,
+        api::MigrateVmRequest,
+        api::IncomingRequest,
+        api::IncomingAccepted,
+        api::vmm::MigrationInfo
     ))
 )]
 pub struct ApiDoc;
@@ -90,6 +105,13 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/vms/{name}/restart", post(restart_vm))
         .route("/v1/vms/{name}/pause", post(pause_vm))
         .route("/v1/vms/{name}/resume", post(resume_vm))
+        .route("/v1/vms/{name}/snapshots", get(list_snapshots).post(create_snapshot))
+        .route("/v1/vms/{name}/snapshots/{snapshot}", axum::routing::delete(delete_snapshot))
+        .route("/v1/vms/{name}/restore", post(restore_vm))
+        .route("/v1/vms/{name}/migrate", post(migrate_vm))
+        .route("/v1/vms/{name}/migration/cancel", post(cancel_migration))
+        .route("/v1/migrations/incoming", post(incoming_migration))
+        .route("/v1/migrations/incoming/{name}", axum::routing::delete(cancel_incoming))
         .route("/v1/vms/{name}/console", get(console).post(console_input))
         .route("/v1/vms/{name}/console/ws", get(console_ws))
         .route("/v1/operations", get(list_operations))
@@ -231,6 +253,124 @@ async fn restart_vm(
 ) -> Result<(StatusCode, Json<Operation>), Failure> {
     let (force, timeout) = stop_params(params)?;
     Ok((StatusCode::ACCEPTED, Json(m.restart(&name, force, timeout)?)))
+}
+
+/// The address a TCP connection came in on (set per connection by the TLS listener), where
+/// an incoming migration's VMM listens; 127.0.0.1 for the Unix socket.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalAddr(pub std::net::IpAddr);
+
+/// A JSON request body of type `T` (what it is, for the 400's message); an empty body is
+/// `{}`.
+fn body_of<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, Failure> {
+    let body = if body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { body };
+    serde_json::from_slice(body).map_err(|e| Failure::bad_request(format!("invalid {what}: {e}")))
+}
+
+/// Writes a snapshot of a running or paused VM into `<vm dir>/snapshots/<name>/` (through
+/// its VMM): 202 with the operation.
+#[utoipa::path(post, path = "/v1/vms/{name}/snapshots", params(("name" = String, Path)),
+    request_body = api::NewSnapshot, responses(
+    (status = 202, body = Operation), (status = 400, body = ApiError),
+    (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn create_snapshot(
+    State(m): Shared,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Operation>), Failure> {
+    let request = body_of(&body, "snapshot request")?;
+    Ok((StatusCode::ACCEPTED, Json(m.snapshot(&name, request)?)))
+}
+
+/// The VM's snapshots.
+#[utoipa::path(get, path = "/v1/vms/{name}/snapshots", params(("name" = String, Path)),
+    responses((status = 200, body = [api::SnapshotEntry]), (status = 404, body = ApiError)))]
+async fn list_snapshots(
+    State(m): Shared,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<api::SnapshotEntry>>, Failure> {
+    Ok(Json(m.snapshots(&name)?))
+}
+
+/// Removes a snapshot.
+#[utoipa::path(delete, path = "/v1/vms/{name}/snapshots/{snapshot}",
+    params(("name" = String, Path), ("snapshot" = String, Path)), responses(
+    (status = 204), (status = 400, body = ApiError), (status = 404, body = ApiError),
+    (status = 409, body = ApiError)))]
+async fn delete_snapshot(
+    State(m): Shared,
+    Path((name, snapshot)): Path<(String, String)>,
+) -> Result<StatusCode, Failure> {
+    m.delete_snapshot(&name, &snapshot)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Runs the VM on from one of its snapshots: its VMM (if one runs) is killed, and a new one
+/// restores the snapshot; 202 with the operation.
+#[utoipa::path(post, path = "/v1/vms/{name}/restore", params(("name" = String, Path)),
+    request_body = api::RestoreRequest, responses(
+    (status = 202, body = Operation), (status = 400, body = ApiError),
+    (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn restore_vm(
+    State(m): Shared,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Operation>), Failure> {
+    let request = body_of(&body, "restore request")?;
+    Ok((StatusCode::ACCEPTED, Json(m.restore(&name, request)?)))
+}
+
+/// Live-migrates a running VM: without `to`, to a fresh VMM process on this host; with it, to
+/// that daemon. 202 with the operation, whose `progress` and `migration` follow the VMM's.
+#[utoipa::path(post, path = "/v1/vms/{name}/migrate", params(("name" = String, Path)),
+    request_body = api::MigrateVmRequest, responses(
+    (status = 202, body = Operation), (status = 400, body = ApiError),
+    (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn migrate_vm(
+    State(m): Shared,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Operation>), Failure> {
+    let request = body_of(&body, "migration request")?;
+    Ok((StatusCode::ACCEPTED, Json(m.migrate(&name, request)?)))
+}
+
+/// Stops the VM's migration in its pre-copy (the guest runs on here): 202 with the
+/// migration's operation (which then fails).
+#[utoipa::path(post, path = "/v1/vms/{name}/migration/cancel", params(("name" = String, Path)),
+    responses((status = 202, body = Operation), (status = 404, body = ApiError),
+    (status = 409, body = ApiError)))]
+async fn cancel_migration(
+    State(m): Shared,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<Operation>), Failure> {
+    Ok((StatusCode::ACCEPTED, Json(m.cancel_migration(&name).await?)))
+}
+
+/// For a source daemon: defines the VM it is about to migrate here (state `incoming`), starts
+/// a VMM waiting for it, and answers with the address that VMM listens on.
+#[utoipa::path(post, path = "/v1/migrations/incoming", request_body = api::IncomingRequest,
+    responses((status = 201, body = api::IncomingAccepted), (status = 400, body = ApiError),
+    (status = 409, body = ApiError), (status = 500, body = ApiError)))]
+async fn incoming_migration(
+    State(m): Shared,
+    local: Option<axum::Extension<LocalAddr>>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<api::IncomingAccepted>), Failure> {
+    let request = body_of(&body, "incoming migration request")?;
+    let ip = local.map_or(std::net::IpAddr::from([127, 0, 0, 1]), |l| l.0 .0);
+    Ok((StatusCode::CREATED, Json(m.incoming(request, ip).await?)))
+}
+
+/// For a source daemon whose migration failed: kills the incoming VM's VMM and removes it.
+#[utoipa::path(delete, path = "/v1/migrations/incoming/{name}", params(("name" = String, Path)),
+    responses((status = 204), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn cancel_incoming(
+    State(m): Shared,
+    Path(name): Path<String>,
+) -> Result<StatusCode, Failure> {
+    m.cancel_incoming(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Whether to follow.
@@ -542,6 +682,7 @@ async fn metrics(State(m): Shared) -> Response {
         (VmState::Paused, "paused"),
         (VmState::Stopping, "stopping"),
         (VmState::Failed, "failed"),
+        (VmState::Incoming, "incoming"),
     ] {
         let n = vms.iter().filter(|v| v.status.state == state).count();
         let _ = writeln!(out, "vanguard_vms{{state=\"{label}\"}} {n}");

@@ -25,6 +25,10 @@ pub struct VmRecord {
     /// The process's start time (field 22 of /proc/PID/stat), to tell it from a later process
     /// that got the same pid.
     pub proc_start: Option<u64>,
+    /// The process's per-VM API socket, where it is not `<vm dir>/vmm.sock` (a same-host
+    /// migration's destination listens on another path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_socket: Option<std::path::PathBuf>,
 }
 
 /// Why the store failed.

@@ -142,6 +142,75 @@ pub enum VmCommand {
         /// The VM.
         name: String,
     },
+    /// Write a snapshot of a running or paused VM (kept by the daemon under the VM's name).
+    Snapshot {
+        /// The VM.
+        name: String,
+        /// The snapshot's name (letters, digits, '.', '_', '-'); an existing one is replaced.
+        snapshot: String,
+        /// Write only the pages written since this VMM last wrote this snapshot.
+        #[arg(long)]
+        incremental: bool,
+        /// Return once the operation is accepted.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List a VM's snapshots.
+    Snapshots {
+        /// The VM.
+        name: String,
+    },
+    /// Remove one of a VM's snapshots.
+    DeleteSnapshot {
+        /// The VM.
+        name: String,
+        /// The snapshot.
+        snapshot: String,
+    },
+    /// Run a VM on from one of its snapshots (its running VMM, if any, is killed first).
+    Restore {
+        /// The VM.
+        name: String,
+        /// The snapshot.
+        snapshot: String,
+        /// Return once the operation is accepted.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Live-migrate a running VM: to a fresh VMM process on this host, or with --to to
+    /// another daemon. Shows the progress on stderr while it waits.
+    Migrate(MigrateArgs),
+    /// Stop a VM's migration while it is still copying memory (the VM runs on here).
+    CancelMigration {
+        /// The VM.
+        name: String,
+    },
+}
+
+/// `vanguard vm migrate`.
+#[derive(Args)]
+pub struct MigrateArgs {
+    /// The VM.
+    name: String,
+    /// The destination daemon: tcp:HOST:PORT (TLS; with --to-token and --to-ca-cert) or
+    /// unix:PATH. Without it, a fresh VMM process on this host takes the VM over.
+    #[arg(long, value_name = "ADDRESS", value_parser = parse_listener)]
+    to: Option<Listener>,
+    /// The bearer token of the destination daemon.
+    #[arg(long, value_name = "TOKEN", requires = "to", hide_env_values = true)]
+    to_token: Option<String>,
+    /// The certificate (PEM) that signed the destination daemon's.
+    #[arg(long, value_name = "PEM", requires = "to")]
+    to_ca_cert: Option<PathBuf>,
+    /// The longest the guest may stop for the final copy (default 300).
+    #[arg(long, value_name = "MS")]
+    max_downtime_ms: Option<u64>,
+    /// Send at most this many MiB/s (default: no limit).
+    #[arg(long, value_name = "MIB_S")]
+    bandwidth_mib_s: Option<u64>,
+    /// Do not slow down a guest that dirties memory faster than the link sends it.
+    #[arg(long)]
+    no_auto_converge: bool,
 }
 
 /// How to stop.
@@ -580,9 +649,155 @@ pub fn vm(command: VmCommand, args: ClientArgs) -> ExitCode {
                     .await?;
             }
             VmCommand::Console { name } => console(&client, &name).await?,
+            VmCommand::Snapshot { name, snapshot, incremental, no_wait } => {
+                let request = api::NewSnapshot { name: snapshot, incremental };
+                let op: Operation =
+                    client.post(&format!("/v1/vms/{name}/snapshots"), &request).await?;
+                finish(&client, op, no_wait, output).await?;
+            }
+            VmCommand::Snapshots { name } => {
+                let list: Vec<api::SnapshotEntry> =
+                    client.get(&format!("/v1/vms/{name}/snapshots")).await?;
+                if output == Output::Json {
+                    print_json(&list);
+                } else {
+                    print_snapshots(&list);
+                }
+            }
+            VmCommand::DeleteSnapshot { name, snapshot } => {
+                client.delete(&format!("/v1/vms/{name}/snapshots/{snapshot}")).await?;
+                if output == Output::Table {
+                    println!("deleted snapshot {snapshot} of {name}");
+                }
+            }
+            VmCommand::Restore { name, snapshot, no_wait } => {
+                let request = api::RestoreRequest { snapshot };
+                let op: Operation =
+                    client.post(&format!("/v1/vms/{name}/restore"), &request).await?;
+                finish(&client, op, no_wait, output).await?;
+            }
+            VmCommand::Migrate(args) => migrate(&client, args, output).await?,
+            VmCommand::CancelMigration { name } => {
+                let op: Operation =
+                    client.post(&format!("/v1/vms/{name}/migration/cancel"), &()).await?;
+                if output == Output::Json {
+                    print_json(&op);
+                } else {
+                    println!("asked operation {} to stop the migration of {name}", op.id);
+                }
+            }
         }
         Ok(())
     })
+}
+
+fn print_snapshots(list: &[api::SnapshotEntry]) {
+    println!("{:<24} {:>8} {:>10} {:>10}  STATE", "NAME", "AGE", "SIZE", "GENERATION");
+    for snap in list {
+        println!(
+            "{:<24} {:>8} {:>9}M {:>10}  {}",
+            snap.name,
+            age(snap.created_at),
+            snap.size_bytes >> 20,
+            snap.generation.map_or("-".into(), |g| g.to_string()),
+            if snap.complete { "complete" } else { "incomplete" }
+        );
+    }
+}
+
+/// `vanguard vm migrate`: starts the migration and follows it, a progress bar on stderr (one
+/// line redrawn on a terminal, a line per change otherwise), the figures at the end.
+async fn migrate(client: &Client, args: MigrateArgs, output: Output) -> Result<(), ClientError> {
+    use std::io::{IsTerminal, Write};
+    let vm: Vm = client.get(&format!("/v1/vms/{}", args.name)).await?;
+    let ca_cert = match &args.to_ca_cert {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| local_error(format!("--to-ca-cert {}: {e}", path.display())))?,
+        ),
+        None => None,
+    };
+    let to = args.to.as_ref().map(|to| match to {
+        Listener::Unix(path) => format!("unix:{}", path.display()),
+        Listener::Tcp(addr) => format!("tcp:{addr}"),
+    });
+    let request = api::MigrateVmRequest {
+        to: to.clone(),
+        token: args.to_token.clone(),
+        ca_cert,
+        max_downtime_ms: args.max_downtime_ms,
+        bandwidth_mib_s: args.bandwidth_mib_s,
+        auto_converge: args.no_auto_converge.then_some(false),
+    };
+    let name = &args.name;
+    let mut op: Operation = client.post(&format!("/v1/vms/{name}/migrate"), &request).await?;
+    let total = vm.spec.memory_mib << 20;
+    let terminal = std::io::stderr().is_terminal() && output == Output::Table;
+    let mut last = String::new();
+    while op.state == OperationState::Running {
+        if output == Output::Table {
+            let line = progress_line(&op, total);
+            if line != last {
+                if terminal {
+                    eprint!("\r{line}\x1b[K");
+                    let _ = std::io::stderr().flush();
+                } else {
+                    eprintln!("  {line}");
+                }
+                last = line;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        op = client.get(&format!("/v1/operations/{}", op.id)).await?;
+    }
+    if terminal {
+        eprintln!();
+    }
+    if output == Output::Json {
+        print_json(&op);
+    }
+    if op.state == OperationState::Failed {
+        return Err(local_error(format!(
+            "operation {} failed: {}",
+            op.id,
+            op.error.unwrap_or_else(|| "no reason given".into())
+        )));
+    }
+    if output == Output::Table {
+        println!("migrate {name}: {}", op.progress);
+        if let Some(info) = &op.migration {
+            println!(
+                "total {} ms, downtime {} ms, {} bytes of memory ({} MiB) in {} passes, {} bytes of state",
+                info.total_us.unwrap_or(0) / 1000,
+                info.downtime_us.unwrap_or(0) / 1000,
+                info.bytes_sent,
+                info.bytes_sent >> 20,
+                info.passes,
+                info.state_bytes.unwrap_or(0)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One line of a migration's progress: a bar of the memory sent against the VM's memory
+/// (`total` bytes; later passes send more), then the VMM's figures.
+fn progress_line(op: &Operation, total: u64) -> String {
+    let Some(info) = &op.migration else { return op.progress.clone() };
+    const WIDTH: u64 = 30;
+    let done = (info.bytes_sent.min(total) * WIDTH).checked_div(total).unwrap_or(WIDTH);
+    let bar: String = (0..WIDTH).map(|i| if i < done { '#' } else { '-' }).collect();
+    format!(
+        "[{bar}] {:>3}% {} pass {}: {}/{} MiB, dirty {} MiB/s, expected downtime {} ms, throttle {}%",
+        done * 100 / WIDTH,
+        info.phase,
+        info.passes,
+        info.bytes_sent >> 20,
+        total >> 20,
+        info.dirty_rate_bytes_per_s >> 20,
+        info.expected_downtime_us / 1000,
+        info.throttle_percent
+    )
 }
 
 async fn finish(

@@ -7,143 +7,20 @@
 
 mod common;
 
+use common::daemon::{
+    certificates, multi_thread, pid_alive, rt, status_code, vmm_pids, wait_op, Daemon, Events,
+};
+
 use api::client::{Client, ClientError};
-use api::{Event, Operation, OperationState, Vm, VmState};
+use api::{Operation, OperationState, Vm, VmState};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const GUEST: &str = "console=ttyS0 powerbutton";
 
-/// A daemon on a data directory of its own.
-struct Daemon {
-    child: Option<Child>,
-    dir: common::TempDir,
-}
-
-impl Daemon {
-    fn start() -> Daemon {
-        let dir = common::TempDir::new("daemon");
-        let mut daemon = Daemon { child: None, dir };
-        daemon.spawn();
-        daemon
-    }
-
-    fn data(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("api.sock")
-    }
-
-    /// Starts `vanguard serve` and waits until its socket answers.
-    fn spawn(&mut self) {
-        let _ = std::fs::remove_file(self.socket());
-        let listen = format!("unix:{}", self.socket().display());
-        let child = Command::new(common::BIN)
-            .args(["serve", "--data-dir"])
-            .arg(self.data())
-            .args(["--listen", &listen])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start vanguard serve");
-        self.child = Some(child);
-        let start = Instant::now();
-        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(20), "the daemon did not come up");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// SIGKILL to the daemon (its VMs keep running).
-    fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn client(&self) -> Client {
-        Client::unix(self.socket())
-    }
-
-    /// `vanguard ARGS` against this daemon.
-    fn cli(&self, args: &[&str]) -> Output {
-        Command::new(common::BIN)
-            .args(args)
-            .env("VANGUARD_REMOTE", format!("unix:{}", self.socket().display()))
-            .stdin(Stdio::null())
-            .output()
-            .expect("run the CLI")
-    }
-}
-
-/// The pids of the VMM processes whose command line names `data` (their console is there).
-fn vmm_pids(data: &Path) -> Vec<u32> {
-    let needle = data.to_string_lossy().into_owned();
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
-            continue;
-        };
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if (text.contains(" vmm ") || text.contains(" run ")) && text.contains(&needle) {
-            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-            if !stat.contains(") Z") {
-                pids.push(pid);
-            }
-        }
-    }
-    pids
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill9();
-        for pid in vmm_pids(&self.data()) {
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(i32::try_from(pid).unwrap_or(0), libc::SIGKILL) };
-        }
-    }
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
-}
-
-/// A runtime whose spawned tasks run in the background.
-fn multi_thread() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
-
 fn spec(name: &str) -> serde_json::Value {
     serde_json::json!({ "name": name, "memory_mib": 64, "boot": { "cmdline": GUEST } })
-}
-
-async fn wait_op(client: &Client, op: &Operation) -> Operation {
-    let done: Operation =
-        client.get(&format!("/v1/operations/{}/wait?timeout=60", op.id)).await.unwrap();
-    assert_ne!(done.state, OperationState::Running, "operation {} did not finish", op.id);
-    done
-}
-
-fn pid_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z"))
-}
-
-async fn status_code(
-    client: &Client,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-) -> (u16, serde_json::Value) {
-    let (status, bytes) =
-        client.raw(method, path, body.map(|b| b.as_bytes().to_vec())).await.unwrap();
-    (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
 }
 
 /// Create, start, stop (power button), start, stop --force, delete; through the CLI and the
@@ -156,23 +33,8 @@ fn lifecycle_through_the_cli_and_the_api() {
     let daemon = Daemon::start();
     let client = daemon.client();
     let rt = multi_thread();
-    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Event>::new()));
-    let sink = events.clone();
-    let watcher = client.clone();
-    let watch = rt.spawn(async move {
-        let _ = watcher
-            .lines("/v1/events", |line| {
-                sink.lock().unwrap().push(serde_json::from_str(line).expect("an event per line"));
-                true
-            })
-            .await;
-    });
-    let start = Instant::now();
-    while events.lock().unwrap().is_empty() {
-        assert!(start.elapsed() < Duration::from_secs(10), "the events stream did not start");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert_eq!(events.lock().unwrap()[0].kind, "events.subscribed");
+    let events = Events::watch(&client);
+    assert_eq!(events.first(), "events.subscribed");
 
     let file = daemon.dir.file("web.json", spec("web").to_string().as_bytes());
     let out = daemon.cli(&["vm", "create", "-f", file.to_str().unwrap()]);
@@ -239,14 +101,7 @@ fn lifecycle_through_the_cli_and_the_api() {
 
     // What the stream saw, in order.
     std::thread::sleep(Duration::from_millis(100));
-    watch.abort();
-    let kinds: Vec<String> = events
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|e| e.vm.as_deref() == Some("web"))
-        .map(|e| e.kind.clone())
-        .collect();
+    let kinds = events.kinds("web");
     let expected = [
         "vm.created",
         "vm.starting",
@@ -500,18 +355,7 @@ fn responses_match_the_served_openapi_document() {
     if !common::kvm_available() {
         return;
     }
-    let python = std::env::var("VANGUARD_PYTHON").unwrap_or_else(|_| "python3".into());
-    let python_ok = Command::new(&python)
-        .args(["-c", "import jsonschema"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !python_ok {
-        if common::env_flag("VANGUARD_REQUIRE_TOOLS") {
-            panic!(
-                "python3 with jsonschema (python3-jsonschema) is needed; VANGUARD_REQUIRE_TOOLS=1"
-            );
-        }
-        println!("skipping: no python3 jsonschema (Debian package python3-jsonschema)");
+    if !common::daemon::python_jsonschema() {
         return;
     }
     let daemon = Daemon::start();
@@ -555,29 +399,7 @@ fn responses_match_the_served_openapi_document() {
         }
         (doc, samples)
     });
-    let input = serde_json::json!({ "doc": samples.0, "samples": samples.1 });
-    let script = common::repo_root().join("crates/vanguard/tests/openapi_check.py");
-    let mut child = Command::new(&python)
-        .arg(&script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child.stdin.take().unwrap().write_all(input.to_string().as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("12 responses valid"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    common::daemon::check_openapi(samples.0, samples.1, 12);
 }
 
 /// CPU time of a process (user + system), in clock ticks.
@@ -663,43 +485,6 @@ fn the_cpu_quota_holds_a_busy_guest() {
     assert!(!cpu_dir.exists(), "the cgroup is removed when the VM stops");
 }
 
-/// A CA and a certificate it signed for localhost/127.0.0.1, made with openssl in `dir`;
-/// (ca.pem, cert.pem, key.pem).
-fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
-    let mut ca = vec!["req", "-x509", "-days", "1", "-subj", "/CN=vanguard test CA"];
-    ca.extend(ec);
-    ca.extend(["-keyout", "ca.key", "-out", "ca.pem"]);
-    run(&ca);
-    let mut csr = vec!["req", "-new", "-subj", "/CN=localhost"];
-    csr.extend(ec);
-    csr.extend(["-keyout", "key.pem", "-out", "cert.csr"]);
-    run(&csr);
-    std::fs::write(dir.join("ext.cnf"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "cert.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        "ext.cnf",
-        "-out",
-        "cert.pem",
-    ]);
-    (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"))
-}
-
 /// The TCP listener: TLS only, and a valid bearer token on every request (401 and nothing
 /// else otherwise); tokens made, listed and revoked through the CLI.
 #[test]
@@ -707,39 +492,14 @@ fn tcp_needs_tls_and_a_token_that_was_not_revoked() {
     if !common::kvm_available() {
         return;
     }
-    if Command::new("openssl").arg("version").output().is_err() {
-        assert!(!common::env_flag("VANGUARD_REQUIRE_TOOLS"), "no openssl (package openssl)");
-        println!("skipping: no openssl to make a test certificate");
+    if !common::daemon::openssl_available() {
         return;
     }
     let dir = common::TempDir::new("daemon-tls");
     let (ca, cert, key) = certificates(dir.path());
-    let socket = dir.path().join("api.sock");
-    let mut child = Command::new(common::BIN)
-        .args(["serve", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .arg("--listen")
-        .arg(format!("unix:{}", socket.display()))
-        .args(["--listen", "tcp:127.0.0.1:0", "--tls-cert"])
-        .arg(&cert)
-        .arg("--tls-key")
-        .arg(&key)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let addr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("tcp:"))
-        .unwrap_or_else(|| panic!("no tcp: address in {line:?}"))
-        .to_string();
+    let daemon = Daemon::start_with(Some((cert, key)));
+    let socket = daemon.socket();
+    let addr = daemon.tcp.clone().unwrap();
     let cli = |args: &[&str]| {
         Command::new(common::BIN).args(args).stdin(Stdio::null()).output().expect("the CLI")
     };
@@ -788,8 +548,7 @@ fn tcp_needs_tls_and_a_token_that_was_not_revoked() {
         String::from_utf8_lossy(&out.stderr).trim(),
         "vanguard: error: the token is not valid (unknown or revoked)"
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(daemon);
 }
 
 /// The serial console through the API and the CLI: input typed into the guest's `echo`
@@ -1051,19 +810,8 @@ fn pause_and_resume_stop_and_restart_the_guest_cpu() {
     let mut daemon = Daemon::start();
     let client = daemon.client();
     let rt = multi_thread();
-    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Event>::new()));
-    let sink = events.clone();
-    let watcher = client.clone();
-    rt.spawn(async move {
-        let _ = watcher
-            .lines("/v1/events", |line| {
-                if let Ok(event) = serde_json::from_str::<Event>(line) {
-                    sink.lock().unwrap().push(event);
-                }
-                true
-            })
-            .await;
-    });
+    // Subscribed before anything happens, so the stream sees every event.
+    let events = Events::watch(&client);
     let pid = rt.block_on(async {
         let _: Vm = client.post("/v1/vms", &spec("p1")).await.unwrap();
         let (status, body) = status_code(&client, "POST", "/v1/vms/p1/pause", None).await;
@@ -1121,13 +869,8 @@ fn pause_and_resume_stop_and_restart_the_guest_cpu() {
     let console = String::from_utf8_lossy(&daemon.cli(&["vm", "logs", "p1"]).stdout).to_string();
     assert!(console.contains("powerbutton: pressed"), "{console}");
     assert!(!pid_alive(pid));
-    let kinds: Vec<String> = events
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|e| e.vm.as_deref() == Some("p1") && e.kind.starts_with("vm."))
-        .map(|e| e.kind.clone())
-        .collect();
+    let kinds: Vec<String> =
+        events.kinds("p1").into_iter().filter(|k| k.starts_with("vm.")).collect();
     // The second daemon's stream is another subscription: only the first one's events here.
     assert_eq!(kinds[..4], ["vm.created", "vm.starting", "vm.running", "vm.paused"], "{kinds:?}");
 }

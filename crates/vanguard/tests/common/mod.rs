@@ -6,6 +6,7 @@
 //! safely: each VM is its own process with its own files.
 #![allow(dead_code)]
 
+pub mod daemon;
 pub mod dirty;
 pub mod linux_qemu;
 pub mod net;
