@@ -1,7 +1,8 @@
-//! `dirty=<size>[,<MiB/s>]`: keeps writing guest memory, one 4 KiB page per step, with a
-//! pattern that names the page and the step, until told to stop; verifies every page on
-//! request. The workload of snapshot and migration tests: whatever moment the VM is saved at,
-//! the restored guest must find every page as its last step left it.
+//! `dirty=<size>[,<MiB/s>[,disk][,net:<guest-ip>:<host-ip>]]`: keeps writing guest memory,
+//! one 4 KiB page per step, with a pattern that names the page and the step, until told to
+//! stop; verifies every page on request. The workload of snapshot and migration tests:
+//! whatever moment the VM is saved at, the restored guest must find every page as its last
+//! step left it.
 //!
 //! Step `s` (from 1) writes page `(s - 1) mod N` of the region: word 0 is `s`, word `i` is
 //! `word(page, s, i)`. So page `p` must hold the most recent step `s <= S` (S the last step)
