@@ -7,16 +7,16 @@ use crate::md5::Md5;
 use crate::println;
 use crate::virtio::Device;
 
-const VIRTIO_ID_BLOCK: u32 = 2;
-const VIRTIO_BLK_T_IN: u32 = 0;
-const VIRTIO_BLK_T_OUT: u32 = 1;
+pub(super) const VIRTIO_ID_BLOCK: u32 = 2;
+pub(super) const VIRTIO_BLK_T_IN: u32 = 0;
+pub(super) const VIRTIO_BLK_T_OUT: u32 = 1;
 const VIRTIO_BLK_T_FLUSH: u32 = 4;
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 const VIRTIO_BLK_S_IOERR: u8 = 1;
 /// Bytes per read request of the `disk` scenario.
 const CHUNK: usize = 64 * 1024;
 /// The data buffer: large enough for the benchmark's 1 MiB requests.
-const BUFFER: usize = 1 << 20;
+pub(super) const BUFFER: usize = 1 << 20;
 /// Bytes per request of the benchmark's sequential passes.
 const SEQ_REQUEST: u64 = 1 << 20;
 /// Requests in flight in the benchmark's QD32 passes.
@@ -58,8 +58,20 @@ fn status_of(slot: usize) -> u8 {
 /// Sends a request of `kind` at `sector` with `len` bytes of the data buffer (device-writable
 /// for reads, device-readable for writes; none for a flush); returns the status byte.
 fn request(dev: &mut Device, kind: u32, sector: u64, len: usize) -> Result<u8, &'static str> {
+    request_at(dev, kind, sector, core::ptr::addr_of_mut!(DATA) as u64, len)
+}
+
+/// `request` with `len` bytes at guest address `addr` instead of the data buffer (identity-
+/// mapped memory the caller does not touch until the request completes).
+pub(super) fn request_at(
+    dev: &mut Device,
+    kind: u32,
+    sector: u64,
+    addr: u64,
+    len: usize,
+) -> Result<u8, &'static str> {
     let (head, status) = prepare(0, kind, sector);
-    let data = (core::ptr::addr_of_mut!(DATA) as u64, len as u32, kind == VIRTIO_BLK_T_IN);
+    let data = (addr, len as u32, kind == VIRTIO_BLK_T_IN);
     if len == 0 {
         dev.submit(&[head, status])?;
     } else {
@@ -135,11 +147,11 @@ pub fn pattern(offset: u64) -> u8 {
 }
 
 /// The disk's capacity in 512-byte sectors (config space offset 0, 64 bits).
-fn sectors(dev: &Device) -> u64 {
+pub(super) fn sectors(dev: &Device) -> u64 {
     u64::from(dev.config32(0)) | (u64::from(dev.config32(4)) << 32)
 }
 
-fn data() -> &'static mut [u8; BUFFER] {
+pub(super) fn data() -> &'static mut [u8; BUFFER] {
     // SAFETY: the boot vCPU alone uses the buffer, and not while a request is in flight.
     unsafe { &mut (*core::ptr::addr_of_mut!(DATA)).0 }
 }

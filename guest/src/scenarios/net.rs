@@ -140,9 +140,9 @@ fn udp_checksum(src: Ip, dst: Ip, udp: &mut [u8]) {
 }
 
 /// Writes text into a byte buffer.
-struct Cursor<'a> {
-    buf: &'a mut [u8],
-    len: usize,
+pub(super) struct Cursor<'a> {
+    pub(super) buf: &'a mut [u8],
+    pub(super) len: usize,
 }
 
 impl fmt::Write for Cursor<'_> {
@@ -349,20 +349,61 @@ impl Host {
 
     /// Sends "vanguard-guest hello <n>" to the host's port 5555.
     fn hello(&mut self, mac: [u8; 6], n: u64) -> Result<(), &'static str> {
-        let mut f = [0u8; 128];
-        let mut text = Cursor { buf: &mut f[42..], len: 0 };
+        let mut buf = [0u8; 64];
+        let mut text = Cursor { buf: &mut buf, len: 0 };
         fmt::Write::write_fmt(&mut text, format_args!("vanguard-guest hello {n}"))
             .map_err(|_| "hello too long")?;
-        let payload = text.len;
+        let len = text.len;
+        let peer = self.peer;
+        self.udp(mac, peer, HELLO_PORT, HELLO_PORT, &buf[..len])
+    }
+
+    /// Sends `payload` in one UDP datagram from this host's `src_port` to `dst:dst_port`
+    /// (Ethernet address `mac`), UDP checksum computed.
+    fn udp(
+        &mut self,
+        mac: [u8; 6],
+        dst: Ip,
+        src_port: u16,
+        dst_port: u16,
+        payload: &[u8],
+    ) -> Result<(), &'static str> {
+        let udp_len = 8 + payload.len();
+        if ETH_HLEN + 20 + udp_len > MAX_FRAME {
+            return Err("datagram too long");
+        }
+        let mut f = [0u8; MAX_FRAME];
         self.ethernet(&mut f, mac, ETHERTYPE_IPV4);
-        let udp_len = 8 + payload;
-        self.ip_header(&mut f[14..34], IP_UDP, 20 + udp_len, self.peer);
+        self.ip_header(&mut f[14..34], IP_UDP, 20 + udp_len, dst);
         let udp = &mut f[34..34 + udp_len];
-        put16(udp, 0, HELLO_PORT);
-        put16(udp, 2, HELLO_PORT);
+        put16(udp, 0, src_port);
+        put16(udp, 2, dst_port);
         put16(udp, 4, udp_len as u16);
-        udp_checksum(self.ip, self.peer, udp);
+        udp[8..].copy_from_slice(payload);
+        udp_checksum(self.ip, dst, udp);
         self.send(&f[..34 + udp_len])
+    }
+
+    /// Sends `payload` in one UDP datagram from `port` to the peer's `port`, if the peer's MAC
+    /// address is known (`resolve` asks for it); returns whether it was sent. The device is
+    /// notified at once.
+    pub(super) fn udp_to_peer(&mut self, port: u16, payload: &[u8]) -> Result<bool, &'static str> {
+        let Some(mac) = self.peer_mac else { return Ok(false) };
+        let peer = self.peer;
+        self.udp(mac, peer, port, port, payload)?;
+        self.flush();
+        Ok(true)
+    }
+
+    /// Handles every frame received so far (ARP, ICMP echo, UDP echo; TCP segments are
+    /// dropped), keeping the receive buffers posted, and sends what that queued.
+    pub(super) fn receive_pending(&mut self) -> Result<(), &'static str> {
+        let mut frame = [0u8; BUFFER_LEN];
+        while let Some(len) = self.next_frame(&mut frame)? {
+            self.receive(&frame[..len])?;
+        }
+        self.flush();
+        Ok(())
     }
 
     /// A 20-byte IPv4 header from this host to `dst`.
@@ -476,15 +517,7 @@ impl Host {
             return Ok(());
         }
         let port = be16(udp, 0);
-        let mut f = [0u8; MAX_FRAME];
-        self.ethernet(&mut f, mac, ETHERTYPE_IPV4);
-        self.ip_header(&mut f[14..34], IP_UDP, 20 + len, src);
-        let reply = &mut f[34..34 + len];
-        reply.copy_from_slice(&udp[..len]);
-        put16(reply, 0, ECHO_PORT);
-        put16(reply, 2, port);
-        udp_checksum(self.ip, src, reply);
-        self.send(&f[..34 + len])?;
+        self.udp(mac, src, ECHO_PORT, port, &udp[8..len])?;
         self.echoed = true;
         println!("net: udp echoed {} bytes to {src}:{port}", len - 8);
         Ok(())
