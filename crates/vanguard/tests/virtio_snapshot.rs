@@ -20,14 +20,15 @@ fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
 
-/// The guest: disk and rng brought up and used (each leaves its queue's indices moved on),
-/// then `dirty` using the disk too, then both devices used again after `q`.
-const CMDLINE: &str = "console=ttyS0 disk rng dirty=8M,20 disk rng";
+/// The guest: disk and rng brought up and used, then `dirty` writing every page it writes to
+/// the disk too and reading other pages back into memory (so the device writes guest memory
+/// all along), then both devices used again after `q`.
+const CMDLINE: &str = "console=ttyS0 disk rng dirty=4M,20,disk disk rng";
 
-/// A VM with a 4 MiB disk of random bytes and an rng; returns it once it writes memory.
+/// A VM with a 16 MiB disk of random bytes and an rng; returns it once it writes memory.
 fn start(dir: &Path, socket: &Path, extra: &[&str]) -> (common::Running, PathBuf) {
     let image = dir.join("disk.img");
-    std::fs::write(&image, common::image(4 << 20, 7)).unwrap();
+    std::fs::write(&image, common::image(16 << 20, 7)).unwrap();
     let disk = format!("path={}", image.display());
     let mut args = vec!["--disk", &disk, "--rng", "--api-socket", socket.to_str().unwrap()];
     args.extend_from_slice(extra);
@@ -63,6 +64,10 @@ fn a_vm_with_a_disk_and_rng_in_use_is_saved_and_restored() {
     let snap = dir.path().join("snap");
     let (mut vm, image) = start(dir.path(), &socket, &[]);
     verify(&mut vm);
+    // Paused first, so that the source writes nothing more to the disk (which a snapshot
+    // references, not copies) before it is killed.
+    let (code, answer) = common::curl_unix(&socket, "PUT", "/v1/vm/pause", None);
+    assert_eq!(code, 200, "{answer}");
     let before = *steps(&vm.stdout_so_far()).last().unwrap();
     let body = format!(r#"{{"destination":"{}"}}"#, snap.display());
     let (code, answer) = common::curl_unix(&socket, "PUT", "/v1/vm/snapshot", Some(&body));
@@ -121,7 +126,7 @@ fn a_missing_or_resized_disk_image_is_refused_before_the_vm_runs() {
     let body = format!(r#"{{"destination":"{address}"}}"#);
     let (code, answer) = common::curl_unix(&socket, "PUT", "/v1/vm/migrate", Some(&body));
     assert_eq!(code, 502, "{answer}");
-    let why = format!("the disk image {} is 5242880 bytes, it was 4194304", image.display());
+    let why = format!("the disk image {} is 5242880 bytes, it was 16777216", image.display());
     assert!(answer.contains(&why), "{answer}");
     dst.finish().assert_code(1).assert_stderr_contains(&why);
     let seen = steps(&vm.stdout_so_far()).len();
@@ -170,15 +175,31 @@ fn a_vmm_upgrade_hands_memory_and_the_tap_over() {
         let (n, _) = socket.recv_from(&mut buf).expect("the guest's echo");
         assert_eq!(&buf[..n], payload);
     };
+    // The guest's `dirty ... net:` datagrams (`dirty step N`, one every 64 steps), counted
+    // on a thread of their own across the move.
+    let counter = UdpSocket::bind(SocketAddrV4::new(host, 5556)).unwrap();
+    counter.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let counted = std::thread::spawn(move || {
+        let mut steps = Vec::new();
+        let mut buf = [0u8; 64];
+        while let Ok(n) = counter.recv(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]).to_string();
+            match text.trim().strip_prefix("dirty step ").and_then(|s| s.parse::<u64>().ok()) {
+                Some(step) => steps.push(step),
+                None => break,
+            }
+        }
+        steps
+    });
     let dir = common::TempDir::new("vupgrade");
     let image = dir.path().join("disk.img");
-    std::fs::write(&image, common::image(4 << 20, 9)).unwrap();
+    std::fs::write(&image, common::image(16 << 20, 9)).unwrap();
     let api = dir.path().join("src.sock");
     let (disk, net) = (format!("path={}", image.display()), format!("tap={}", tap.name));
     let pings = u32::from(common::net::ping_available());
     let cmdline = format!(
-        "console=ttyS0 net={guest_ip},{host},0 disk rng dirty=8M,20 disk rng \
-         net={guest_ip},{host},{pings}"
+        "console=ttyS0 net={guest_ip},{host},0 disk rng dirty=4M,20,disk,net:{guest_ip}:{host} \
+         disk rng net={guest_ip},{host},{pings}"
     );
     let args = [
         "--memory-shared",
@@ -215,6 +236,14 @@ fn a_vmm_upgrade_hands_memory_and_the_tap_over() {
     assert!(first > before, "step {first} is not past {before}");
     verify(&mut dst);
     common::dirty::stop(&mut dst);
+    // The datagrams went on from the new process through the handed-over TAP, with no step
+    // missing around the move (a pause of a few milliseconds).
+    UdpSocket::bind("127.0.0.1:0").unwrap().send_to(b"end", SocketAddrV4::new(host, 5556)).unwrap();
+    let sent = counted.join().unwrap();
+    assert!(sent.iter().any(|s| *s > before + 64), "no datagram after the move: {sent:?}");
+    for pair in sent.windows(2) {
+        assert_eq!(pair[1] - pair[0], 64, "a gap in the datagrams: {sent:?}");
+    }
     // The last `net` scenario, in the new process, on the TAP it was handed.
     hello(&socket);
     if pings > 0 {
