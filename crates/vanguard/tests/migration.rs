@@ -143,6 +143,13 @@ fn killing_either_side_mid_migration_leaves_the_vm_on_exactly_one() {
     let (_, progress) = common::curl_unix(&socket, "GET", "/v1/vm/migration", None);
     let progress = json(&progress);
     assert_eq!(progress["phase"], "precopy", "{progress}");
+    // Progress moves within a pass: 2 s into the first (about 8 MiB at 4 MiB/s), the bytes
+    // sent and the link's rate are already there.
+    assert_eq!(progress["passes"], 0, "{progress}");
+    let sent = progress["bytes_sent"].as_u64().unwrap_or(0);
+    assert!(sent >= 1 << 20, "2 s into the first pass, bytes_sent is {sent}: {progress}");
+    let rate = progress["link_rate_bytes_per_s"].as_u64().unwrap_or(0);
+    assert!(rate > 0 && rate <= 8 << 20, "link rate {rate} with a 4 MiB/s cap: {progress}");
     dst.kill_now();
     let (code, answer) = curl.join().unwrap();
     assert_eq!(code, 502, "{answer}");

@@ -498,6 +498,8 @@ impl VmControl {
             started: Instant::now(),
             sent: 0,
             cancel: &self.migration.cancel,
+            progress: &self.migration.progress,
+            published: 0,
         };
         self.set_progress(|p| p.phase = "precopy".into());
         // Pass 0: everything that is not zero.

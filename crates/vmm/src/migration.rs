@@ -412,9 +412,30 @@ pub(crate) struct Sender<'a> {
     pub started: Instant,
     pub sent: u64,
     pub cancel: &'a AtomicBool,
+    /// Where `bytes_sent` (and, in the first pass, `link_rate`) is published as the pages go,
+    /// at least every [`PUBLISH_EVERY`] bytes, so progress moves within a long pass.
+    pub progress: &'a Mutex<MigrationProgress>,
+    /// `sent` when it was last published.
+    pub published: u64,
 }
 
+/// How many bytes a sender sends between two progress updates.
+const PUBLISH_EVERY: u64 = 1 << 20;
+
 impl Sender<'_> {
+    /// Publishes the bytes sent so far. In the first pass (no pass finished yet) the link's
+    /// rate is this pass's average; later passes publish theirs when they end.
+    fn publish(&mut self) {
+        self.published = self.sent;
+        let elapsed_us = self.started.elapsed().as_micros().max(1);
+        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        p.bytes_sent = self.sent;
+        if p.passes == 0 {
+            p.link_rate =
+                u64::try_from(u128::from(self.sent) * 1_000_000 / elapsed_us).unwrap_or(u64::MAX);
+        }
+    }
+
     fn pace(&self) {
         if let Some(rate) = self.bandwidth.filter(|r| *r > 0) {
             let due = Duration::from_secs_f64(self.sent as f64 / rate as f64);
@@ -470,6 +491,9 @@ impl Sender<'_> {
             let bytes = (n * PAGE) as u64;
             self.sent += bytes;
             total += bytes;
+            if self.sent - self.published >= PUBLISH_EVERY {
+                self.publish();
+            }
             self.pace();
         }
         Ok(total)

@@ -216,14 +216,21 @@ pub(crate) fn restore_vcpu(
     vcpu.set_cpuid2(&cpuid).map_err(kvm(what("CPUID")))?;
     let host_khz = vcpu.get_tsc_khz().map_err(kvm(what("TSC frequency")))?;
     if host_khz != state.tsc_khz {
-        vcpu.set_tsc_khz(state.tsc_khz).map_err(|source| {
-            SnapshotFailure::Incompatible(format!(
-                "the guest's TSC runs at {} kHz, this host's at {host_khz} kHz, and KVM cannot \
-                 scale it ({source})",
-                state.tsc_khz
-            ))
-        })?;
+        // As QEMU does on an incoming migration: a TSC KVM cannot scale is a warning, not a
+        // refusal. The guest's kvm-clock follows the host's rate (KVM publishes it anew); only
+        // a guest timing itself by raw TSC ticks sees them go faster or slower.
+        if let Err(e) = vcpu.set_tsc_khz(state.tsc_khz) {
+            if cpu == 0 {
+                eprintln!(
+                    "vanguard: warning: the guest's TSC ran at {} kHz, this host's runs at \
+                     {host_khz} kHz, and KVM cannot scale it ({e}): the guest's raw TSC now \
+                     ticks at this host's rate (its kvm-clock stays right)",
+                    state.tsc_khz
+                );
+            }
+        }
     }
+    check_xsave(cpu, state, here.as_slice())?;
     vcpu.set_mp_state(state.mp_state).map_err(kvm(what("MP state")))?;
     vcpu.set_regs(&state.regs).map_err(kvm(what("registers")))?;
     vcpu.set_sregs(&state.sregs).map_err(kvm(what("special registers")))?;
@@ -940,11 +947,14 @@ pub(crate) fn check_cpuid(
 ) -> Result<(), SnapshotFailure> {
     // (leaf, subleaf, register name, register, bits that change at run time: OSXSAVE, OSPKE)
     type Reg = fn(&kvm_cpuid_entry2) -> u32;
-    let checks: [(u32, u32, &str, Reg, u32); 6] = [
+    // Leaf 0xd subleaf 0 EAX/EDX: the XSAVE state components (XCR0 bits) the guest may enable.
+    let checks: [(u32, u32, &str, Reg, u32); 8] = [
         (1, 0, "ecx", |e| e.ecx, 1 << 27),
         (1, 0, "edx", |e| e.edx, 0),
         (7, 0, "ebx", |e| e.ebx, 0),
         (7, 0, "ecx", |e| e.ecx, 1 << 4),
+        (0xd, 0, "eax", |e| e.eax, 0),
+        (0xd, 0, "edx", |e| e.edx, 0),
         (0x8000_0001, 0, "ecx", |e| e.ecx, 0),
         (0x8000_0001, 0, "edx", |e| e.edx, 0),
     ];
@@ -959,6 +969,34 @@ pub(crate) fn check_cpuid(
             return Err(SnapshotFailure::Incompatible(format!(
                 "vCPU {cpu} was shown CPUID leaf {leaf:#x} {name} bits {missing:#010x}, which \
                  this host does not offer"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The XSAVE components the saved area holds (its header's XSTATE_BV, bytes 512..520) and the
+/// XCR0 the guest had enabled must all be ones this host's vCPU supports (CPUID leaf 0xd
+/// subleaf 0), or KVM refuses the area with a bare EINVAL.
+fn check_xsave(
+    cpu: u8,
+    state: &VcpuState,
+    here: &[kvm_cpuid_entry2],
+) -> Result<(), SnapshotFailure> {
+    let supported = here
+        .iter()
+        .find(|e| e.function == 0xd && e.index == 0)
+        .map_or(0b11, |e| u64::from(e.eax) | u64::from(e.edx) << 32);
+    let header = u64::from(state.xsave.region[128]) | u64::from(state.xsave.region[129]) << 32;
+    let xcr0 = state.xcrs.xcrs.iter().take(state.xcrs.nr_xcrs as usize).find(|x| x.xcr == 0);
+    for (what, bits) in
+        [("XSAVE area holds", header), ("XCR0 enables", xcr0.map_or(0, |x| x.value))]
+    {
+        let missing = bits & !supported;
+        if missing != 0 {
+            return Err(SnapshotFailure::Incompatible(format!(
+                "vCPU {cpu}'s saved {what} state components {missing:#x} (XCR0 bits), which \
+                 this host does not offer (it supports {supported:#x})"
             )));
         }
     }
