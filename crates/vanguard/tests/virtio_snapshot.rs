@@ -10,7 +10,7 @@ mod common;
 use common::dirty::{free_tcp_port, steps, verify, wait_for_step, wait_listening};
 use common::linux_qemu::tool_available;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn ready() -> bool {
     common::kvm_available() && tool_available("curl", "--version", "curl")
@@ -185,7 +185,7 @@ fn a_vmm_upgrade_hands_memory_and_the_tap_over() {
         while let Ok(n) = counter.recv(&mut buf) {
             let text = String::from_utf8_lossy(&buf[..n]).to_string();
             match text.trim().strip_prefix("dirty step ").and_then(|s| s.parse::<u64>().ok()) {
-                Some(step) => steps.push(step),
+                Some(step) => steps.push((step, Instant::now())),
                 None => break,
             }
         }
@@ -239,11 +239,29 @@ fn a_vmm_upgrade_hands_memory_and_the_tap_over() {
     // The datagrams went on from the new process through the handed-over TAP, with no step
     // missing around the move (a pause of a few milliseconds).
     UdpSocket::bind("127.0.0.1:0").unwrap().send_to(b"end", SocketAddrV4::new(host, 5556)).unwrap();
-    let sent = counted.join().unwrap();
+    let arrived = counted.join().unwrap();
+    let sent: Vec<u64> = arrived.iter().map(|(step, _)| *step).collect();
     assert!(sent.iter().any(|s| *s > before + 64), "no datagram after the move: {sent:?}");
     for pair in sent.windows(2) {
         assert_eq!(pair[1] - pair[0], 64, "a gap in the datagrams: {sent:?}");
     }
+    // Nor a gap in time much larger than the downtime: the longest wait between two
+    // datagrams (the move's among them) against their usual spacing and the downtime the
+    // source reported, with room for a loaded machine's scheduling.
+    let mut gaps: Vec<Duration> = arrived.windows(2).map(|p| p[1].1 - p[0].1).collect();
+    let longest = *gaps.iter().max().expect("datagrams");
+    gaps.sort();
+    let usual = gaps[gaps.len() / 2];
+    let downtime = Duration::from_micros(info["downtime_us"].as_u64().unwrap());
+    println!(
+        "datagrams: {} steps, usual spacing {usual:?}, longest {longest:?}, downtime {downtime:?}",
+        sent.len()
+    );
+    let bound = downtime + usual * 4 + Duration::from_millis(250);
+    assert!(
+        longest <= bound,
+        "a {longest:?} wait between two datagrams (usual {usual:?}, downtime {downtime:?})"
+    );
     // The last `net` scenario, in the new process, on the TAP it was handed.
     hello(&socket);
     if pings > 0 {

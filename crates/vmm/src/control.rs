@@ -472,8 +472,11 @@ impl VmControl {
             &[&migration::hello(&machine.desc, &cpuid)],
         )?;
         flush(&mut out)?;
-        let memory_handed = match migration::receive(&mut input)? {
-            (migration::KIND_ACCEPT, flags) => offered_memory && flags.first() == Some(&1),
+        let (memory_handed, catch_up) = match migration::receive(&mut input)? {
+            (migration::KIND_ACCEPT, flags) => (
+                offered_memory && flags.first() == Some(&1),
+                flags.get(1).is_some_and(|f| f & migration::ACCEPT_CATCH_UP != 0),
+            ),
             (migration::KIND_REFUSE, why) => {
                 return Err(SnapshotFailure::Migration(format!(
                     "the destination refused: {}",
@@ -511,6 +514,12 @@ impl VmControl {
         let mut passes = 1;
         let mut throttle = 0u64;
         let mut pending = loop {
+            // The pass is over when the destination has applied it, not when the socket took
+            // it: without this, what sits in the socket buffers (megabytes on TCP) would be
+            // applied during the downtime, and the link rate would be the buffers' speed.
+            if catch_up {
+                sender.catch_up(&mut input)?;
+            }
             let bitmaps = machine.dirty_bitmaps()?;
             let elapsed_us = pass_start.elapsed().as_micros().max(1);
             let per_second = |bytes: u64| {

@@ -20,12 +20,12 @@
 use crate::control::VmControl;
 use crate::error::VmmError;
 use crate::snapshot::{decode_machine, encode_machine, MachineDesc, SnapshotFailure};
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// The hello's magic: `VGMIGR02` carries a version 2 `machine` section (with virtio
 /// devices); `VGMIGR01`, from older sources, a version 1 one.
@@ -39,6 +39,12 @@ pub(crate) const KIND_STATE: u8 = b'S';
 pub(crate) const KIND_READY: u8 = b'Y';
 pub(crate) const KIND_ERROR: u8 = b'E';
 pub(crate) const KIND_GO: u8 = b'G';
+/// Catch-up: the source asks, at the end of a pre-copy pass, and the destination answers
+/// once it has applied every page before it (offered by destinations whose accept has a
+/// second payload byte with bit 0 set).
+pub(crate) const KIND_CATCH_UP: u8 = b'C';
+/// Accept payload byte 1, bit 0: this destination answers catch-up messages.
+pub(crate) const ACCEPT_CATCH_UP: u8 = 1;
 /// Descriptors handed over on a Unix socket (the first message, before the hello).
 pub(crate) const KIND_DESCRIPTORS: u8 = b'D';
 /// The descriptors message: kind, length 12, then memfd count, TAP count, flags (u32 each).
@@ -63,6 +69,9 @@ pub(crate) trait Link: Read + Write + Send {
     fn unix(&self) -> Option<&std::os::unix::net::UnixStream> {
         None
     }
+    /// The socket's descriptor, for moving guest memory without a copy through a buffer;
+    /// `None` while the link still has bytes of its own to give first.
+    fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>>;
 }
 
 /// A link whose first bytes were already read (while looking for handed-over descriptors):
@@ -99,6 +108,9 @@ impl Link for Prefixed {
     }
     fn try_clone_link(&self) -> std::io::Result<Box<dyn Link>> {
         Ok(Box::new(Prefixed { prefix: self.prefix.clone(), inner: self.inner.try_clone_link()? }))
+    }
+    fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.prefix.is_empty().then(|| self.inner.fd()).flatten()
     }
 }
 
@@ -215,6 +227,9 @@ impl Link for std::net::TcpStream {
     fn try_clone_link(&self) -> std::io::Result<Box<dyn Link>> {
         Ok(Box::new(self.try_clone()?))
     }
+    fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(std::os::fd::AsFd::as_fd(self))
+    }
 }
 
 impl Link for std::os::unix::net::UnixStream {
@@ -227,6 +242,9 @@ impl Link for std::os::unix::net::UnixStream {
     }
     fn unix(&self) -> Option<&std::os::unix::net::UnixStream> {
         Some(self)
+    }
+    fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(std::os::fd::AsFd::as_fd(self))
     }
 }
 
@@ -296,8 +314,22 @@ impl MigrationAddress {
                 Box::new(s)
             }
             Self::Unix(p) => {
-                let l = std::os::unix::net::UnixListener::bind(p)
+                // The socket is bound and listening under a temporary name, then renamed into
+                // place: a source that sees the path can connect (binding it directly leaves
+                // a moment between bind and listen where a connect is refused).
+                if p.symlink_metadata().is_ok() {
+                    let e = std::io::Error::from_raw_os_error(libc::EADDRINUSE);
+                    return Err(link_err("listen on", self)(e));
+                }
+                let mut tmp = p.as_os_str().to_owned();
+                tmp.push(format!(".{}.tmp", std::process::id()));
+                let tmp = std::path::PathBuf::from(tmp);
+                let l = std::os::unix::net::UnixListener::bind(&tmp)
                     .map_err(link_err("listen on", self))?;
+                if let Err(e) = std::fs::rename(&tmp, p) {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(link_err("listen on", self)(e));
+                }
                 let accepted = l.accept();
                 let _ = std::fs::remove_file(p);
                 Box::new(accepted.map_err(link_err("accept on", self))?.0)
@@ -324,6 +356,14 @@ pub(crate) fn send(w: &mut impl Write, kind: u8, parts: &[&[u8]]) -> Result<(), 
 
 /// Reads one message; a length beyond [`MAX_MESSAGE`] is a corrupt stream.
 pub(crate) fn receive(r: &mut impl Read) -> Result<(u8, Vec<u8>), SnapshotFailure> {
+    let (kind, len) = receive_head(r)?;
+    let mut payload = vec![0u8; usize::try_from(len).unwrap_or(0)];
+    r.read_exact(&mut payload).map_err(lost)?;
+    Ok((kind, payload))
+}
+
+/// Reads a message's kind and length (at most [`MAX_MESSAGE`]), leaving its payload.
+fn receive_head(r: &mut impl Read) -> Result<(u8, u64), SnapshotFailure> {
     let mut head = [0u8; 9];
     r.read_exact(&mut head).map_err(lost)?;
     let mut len = [0u8; 8];
@@ -335,9 +375,7 @@ pub(crate) fn receive(r: &mut impl Read) -> Result<(u8, Vec<u8>), SnapshotFailur
             head[0]
         )));
     }
-    let mut payload = vec![0u8; usize::try_from(len).unwrap_or(0)];
-    r.read_exact(&mut payload).map_err(lost)?;
-    Ok((head[0], payload))
+    Ok((head[0], len))
 }
 
 /// How to migrate.
@@ -445,6 +483,22 @@ impl Sender<'_> {
         }
     }
 
+    /// Asks the destination to answer once it has applied everything sent so far, and waits.
+    pub fn catch_up(&mut self, input: &mut impl Read) -> Result<(), SnapshotFailure> {
+        send(self.out, KIND_CATCH_UP, &[])?;
+        self.out.flush().map_err(lost)?;
+        match receive(input)? {
+            (KIND_CATCH_UP, _) => Ok(()),
+            (KIND_ERROR, why) => Err(SnapshotFailure::Migration(format!(
+                "the destination failed: {}",
+                String::from_utf8_lossy(&why)
+            ))),
+            (kind, _) => Err(SnapshotFailure::Migration(format!(
+                "the destination sent message {kind:#04x} instead of catching up"
+            ))),
+        }
+    }
+
     /// Sends the selected pages of range `index`.
     pub fn range(
         &mut self,
@@ -454,7 +508,9 @@ impl Sender<'_> {
     ) -> Result<u64, SnapshotFailure> {
         let Some(range) = self.ranges.get(index) else { return Ok(0) };
         let pages = usize::try_from(range.len).unwrap_or(0) / PAGE;
-        let mut buf = vec![0u8; RUN_PAGES * PAGE];
+        let read_err = |e: vm_memory::GuestMemoryError| {
+            SnapshotFailure::Migration(format!("read guest memory: {e}"))
+        };
         let mut page = 0;
         let mut total = 0;
         while page < pages {
@@ -465,29 +521,44 @@ impl Sender<'_> {
                 page += 1;
                 continue;
             }
-            // A run of wanted pages, read as they are now (the guest may be running: a page
-            // it writes meanwhile is dirty again and goes in a later pass).
+            // A run of wanted pages (in a fresh pass, non-zero ones), sent as they are now
+            // (the guest may be running: a page it writes meanwhile is dirty again and goes in
+            // a later pass).
             let start = page;
-            let mut n = 0;
-            while page < pages && n < RUN_PAGES && wanted(page) {
+            while page < pages && page - start < RUN_PAGES && wanted(page) {
                 let at = GuestAddress(range.guest + (page * PAGE) as u64);
-                let slot = &mut buf[n * PAGE..(n + 1) * PAGE];
-                self.mem
-                    .read_slice(slot, at)
-                    .map_err(|e| SnapshotFailure::Migration(format!("read guest memory: {e}")))?;
-                if fresh && slot.iter().all(|b| *b == 0) {
+                if fresh && is_zero_page(&self.mem.get_slice(at, PAGE).map_err(read_err)?) {
                     break;
                 }
-                n += 1;
                 page += 1;
             }
+            let n = page - start;
             if n == 0 {
                 // A zero page in a fresh pass: skipped.
                 page += 1;
                 continue;
             }
             let offset = range.file_offset + (start * PAGE) as u64;
-            send(self.out, KIND_MEMORY, &[&offset.to_le_bytes(), &buf[..n * PAGE]])?;
+            let at = GuestAddress(range.guest + (start * PAGE) as u64);
+            let run = self.mem.get_slice(at, n * PAGE).map_err(read_err)?;
+            let len = (8 + n * PAGE) as u64;
+            self.out.write_all(&[KIND_MEMORY]).map_err(lost)?;
+            self.out.write_all(&len.to_le_bytes()).map_err(lost)?;
+            self.out.write_all(&offset.to_le_bytes()).map_err(lost)?;
+            // The pages go from guest memory to the socket with no copy in between.
+            self.out.flush().map_err(lost)?;
+            match self.out.get_ref().fd() {
+                Some(mut fd) => vm_memory::WriteVolatile::write_all_volatile(&mut fd, &run)
+                    .map_err(|e| match e {
+                        vm_memory::VolatileMemoryError::IOError(io) => lost(io),
+                        e => SnapshotFailure::Migration(format!("read guest memory: {e}")),
+                    })?,
+                None => {
+                    let mut buf = vec![0u8; n * PAGE];
+                    run.copy_to(&mut buf[..]);
+                    self.out.write_all(&buf).map_err(lost)?;
+                }
+            }
             let bytes = (n * PAGE) as u64;
             self.sent += bytes;
             total += bytes;
@@ -498,6 +569,19 @@ impl Sender<'_> {
         }
         Ok(total)
     }
+}
+
+/// Whether a page of guest memory (which the guest may be writing) is all zero, read in
+/// volatile words.
+fn is_zero_page(page: &vm_memory::VolatileSlice<'_, ()>) -> bool {
+    let words = page.len() / 8;
+    let base = page.ptr_guard();
+    let ptr = base.as_ptr().cast::<u64>();
+    (0..words).all(|i| {
+        // SAFETY: `ptr` points at the slice's `len` mapped bytes, page-aligned (so 8-aligned),
+        // and `i < len / 8`; a volatile read tolerates the guest writing the word meanwhile.
+        unsafe { std::ptr::read_volatile(ptr.add(i)) == 0 }
+    })
 }
 
 /// The hello: magic, the machine description (a blob), and the CPUID vCPU 0 shows the guest
@@ -597,30 +681,60 @@ fn check_cpu_here(
 }
 
 /// Writes a memory message into the destination's guest memory, checking it lies inside.
-pub(crate) fn apply_memory(
+/// Reads a memory message's payload of `len` bytes (its offset in the memory file, then
+/// whole pages) from `input` straight into guest memory: what `input` has buffered is
+/// copied, the rest is read from the socket into the guest's pages. Every page must fall in
+/// one RAM range.
+fn receive_memory(
+    input: &mut BufReader<Box<dyn Link>>,
     mem: &GuestMemoryMmap,
     desc: &MachineDesc,
-    payload: &[u8],
+    len: u64,
 ) -> Result<u64, SnapshotFailure> {
     let corrupt =
         |what: String| SnapshotFailure::Migration(format!("corrupt migration stream: {what}"));
-    if payload.len() < 8 || !(payload.len() - 8).is_multiple_of(PAGE) {
-        return Err(corrupt(format!("a memory message of {} bytes", payload.len())));
-    }
+    let data_len = len.checked_sub(8).filter(|n| n.is_multiple_of(PAGE as u64));
+    let Some(data_len) = data_len else {
+        return Err(corrupt(format!("a memory message of {len} bytes")));
+    };
     let mut off = [0u8; 8];
-    off.copy_from_slice(&payload[..8]);
+    input.read_exact(&mut off).map_err(lost)?;
     let offset = u64::from_le_bytes(off);
-    let data = &payload[8..];
-    let end =
-        offset.checked_add(data.len() as u64).ok_or_else(|| corrupt("offset overflow".into()))?;
+    let end = offset.checked_add(data_len).ok_or_else(|| corrupt("offset overflow".into()))?;
     let range = desc
         .ranges
         .iter()
         .find(|r| offset >= r.file_offset && end <= r.file_offset + r.len)
         .ok_or_else(|| corrupt(format!("pages at {offset:#x}..{end:#x} outside guest memory")))?;
     let at = GuestAddress(range.guest + (offset - range.file_offset));
-    mem.write_slice(data, at).map_err(|e| corrupt(format!("write guest memory: {e}")))?;
-    Ok(data.len() as u64)
+    let write_err = |e: vm_memory::GuestMemoryError| corrupt(format!("write guest memory: {e}"));
+    // `data_len` is below MAX_MESSAGE, so it fits a usize.
+    let mut left = usize::try_from(data_len).unwrap_or(usize::MAX);
+    let buffered = input.buffer();
+    let n = buffered.len().min(left);
+    mem.write_slice(&buffered[..n], at).map_err(write_err)?;
+    input.consume(n);
+    left -= n;
+    let at = at.unchecked_add(n as u64);
+    if left > 0 {
+        match input.get_ref().fd() {
+            Some(mut fd) => {
+                let mut slice = mem.get_slice(at, left).map_err(write_err)?;
+                vm_memory::ReadVolatile::read_exact_volatile(&mut fd, &mut slice).map_err(|e| {
+                    match e {
+                        vm_memory::VolatileMemoryError::IOError(io) => lost(io),
+                        e => corrupt(format!("write guest memory: {e}")),
+                    }
+                })?
+            }
+            None => {
+                let mut data = vec![0u8; left];
+                input.read_exact(&mut data).map_err(lost)?;
+                mem.write_slice(&data, at).map_err(write_err)?;
+            }
+        }
+    }
+    Ok(data_len)
 }
 
 /// The host's RAM (MemTotal), bytes.
@@ -722,7 +836,7 @@ pub(crate) fn run_incoming(
         }
     };
     // Bit 0: the handed-over memory is the guest's; the source sends none.
-    send(&mut out, KIND_ACCEPT, &[&[u8::from(handed_memory)]])?;
+    send(&mut out, KIND_ACCEPT, &[&[u8::from(handed_memory), ACCEPT_CATCH_UP]])?;
     out.flush().map_err(lost)?;
     let mut gate = GoGate { input, out };
     let fail = |gate: &mut GoGate, e: SnapshotFailure| -> VmmError {
@@ -730,12 +844,22 @@ pub(crate) fn run_incoming(
         e.into()
     };
     let state = loop {
-        let (kind, payload) = receive(&mut gate.input)?;
+        let (kind, len) = receive_head(&mut gate.input)?;
         match kind {
             KIND_MEMORY => {
-                apply_memory(&mem, &desc, &payload).map_err(|e| fail(&mut gate, e))?;
+                receive_memory(&mut gate.input, &mem, &desc, len)
+                    .map_err(|e| fail(&mut gate, e))?;
             }
-            KIND_STATE => break payload,
+            KIND_CATCH_UP if len == 0 => {
+                // Every page before this is in guest memory: say so.
+                send(&mut gate.out, KIND_CATCH_UP, &[])?;
+                gate.out.flush().map_err(lost)?;
+            }
+            KIND_STATE => {
+                let mut payload = vec![0u8; usize::try_from(len).unwrap_or(0)];
+                gate.input.read_exact(&mut payload).map_err(lost)?;
+                break payload;
+            }
             other => {
                 let e = SnapshotFailure::Migration(format!(
                     "corrupt migration stream: message {other:#04x} during the memory copy"
