@@ -27,11 +27,13 @@ fn source(cpus: u8, arg: &str, socket: &Path) -> common::Running {
     source_with(cpus, "128M", "", arg, socket)
 }
 
-/// A source of `memory` whose guest runs the scenarios `first` (if any), then `dirty=ARG`.
+/// A source of `memory` whose guest runs the scenarios `first` (if any), then `dirty=ARG`;
+/// after `mem`, a `memcheck` follows the dirty scenario's end.
 fn source_with(cpus: u8, memory: &str, first: &str, arg: &str, socket: &Path) -> common::Running {
     let cpus = cpus.to_string();
+    let then = if first.split(' ').any(|w| w == "mem") { "memcheck" } else { "" };
     let mut vm = common::guest(
-        &format!("console=ttyS0 {first} dirty={arg}"),
+        &format!("console=ttyS0 {first} dirty={arg} {then}"),
         &["--cpus", &cpus, "--memory", memory, "--api-socket", socket.to_str().unwrap()],
     )
     .timeout(Duration::from_secs(180))
@@ -59,6 +61,7 @@ fn move_guest(cpus: u8, address: &str) {
 /// Moves a guest of `memory` (running `first`, then `dirty=32M,8`) and checks at least
 /// `least` bytes went over.
 fn move_guest_of(cpus: u8, memory: &str, first: &str, address: &str, least: u64) {
+    let with_mem = first.split(' ').any(|w| w == "mem");
     let dir = common::TempDir::new("migrate");
     let socket = dir.path().join("src.sock");
     let mut src = source_with(cpus, memory, first, "32M,8", &socket);
@@ -82,7 +85,14 @@ fn move_guest_of(cpus: u8, memory: &str, first: &str, address: &str, least: u64)
     verify(&mut dst);
     dst.write_stdin(b"q");
     dst.wait_for_stdout("dirty: stopped at step");
-    dst.finish().assert_clean_exit();
+    let out = dst.finish();
+    out.assert_clean_exit();
+    if with_mem {
+        // Everything else `mem` wrote, in every RAM range, arrived where it belongs.
+        let line = out.stdout.lines().find(|l| l.contains("memcheck:")).unwrap_or("");
+        println!("{}", line.trim());
+        assert!(line.trim_end().ends_with(": ok"), "{}", out.report());
+    }
 }
 
 #[test]

@@ -105,6 +105,44 @@ fn a_guest_writing_memory_is_saved_and_restored_4_vcpus() {
     }
 }
 
+/// A 4 GiB guest (two RAM ranges, below and above the 4 GiB boundary) with `mem` written all
+/// over and the dirty scenario going, saved and restored: the dirty region verifies, and then
+/// `memcheck` finds every other word `mem` wrote, in both ranges.
+#[test]
+fn a_4_gib_guest_with_2_vcpus_is_saved_and_restored() {
+    if !ready() {
+        return;
+    }
+    let dir = common::TempDir::new("snapshot-4g");
+    let socket = dir.path().join("vmm.sock");
+    let snap = dir.path().join("snap");
+    let mut vm = common::guest(
+        "console=ttyS0 mem dirty=32M memcheck",
+        &["--cpus", "2", "--memory", "4G", "--api-socket", socket.to_str().unwrap()],
+    )
+    .timeout(Duration::from_secs(240))
+    .spawn_interactive();
+    vm.wait_for_stdout("dirty: writing");
+    wait_for_step(&mut vm, 0);
+    verify(&mut vm);
+    let before = *steps(&vm.stdout_so_far()).last().expect("steps before the snapshot");
+    let info = snapshot(&socket, &snap, false);
+    let written = info["memory_bytes_written"].as_u64().unwrap();
+    assert!(written >= 4000 << 20, "nearly all 4 GiB is non-zero: {info}");
+    vm.kill_now();
+    let mut vm = restore(&snap);
+    let first = wait_for_step(&mut vm, 0);
+    assert!(first > before, "the restored guest's step {first} is not past {before}");
+    verify(&mut vm);
+    vm.write_stdin(b"q");
+    vm.wait_for_stdout("dirty: stopped at step");
+    let out = vm.finish();
+    out.assert_clean_exit();
+    let line = out.stdout.lines().find(|l| l.contains("memcheck:")).unwrap_or("");
+    println!("{}", line.trim());
+    assert!(line.contains("in 2 ranges") && line.trim_end().ends_with(": ok"), "{}", out.report());
+}
+
 #[test]
 fn incremental_snapshot_writes_only_dirty_pages() {
     if !ready() {

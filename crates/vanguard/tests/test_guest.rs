@@ -314,6 +314,27 @@ fn failed_scenario_crashes_the_guest() {
     ]);
 }
 
+/// `memcheck` reads back what `mem` wrote, less what `dirty` took over since; with no `mem`
+/// before it, it fails saying so.
+#[test]
+fn memcheck_reads_back_what_mem_wrote() {
+    if !common::kvm_available() {
+        return;
+    }
+    let out = guest("console=ttyS0 mem=16M memcheck", &[]).run();
+    out.assert_clean_exit();
+    out.assert_line(
+        "memcheck: verified 16 MiB in 1 ranges (skipped 0 KiB another scenario wrote): ok",
+    );
+    let out = guest("console=ttyS0 memcheck hello", &[]).run();
+    assert_triple_fault(&out);
+    out.assert_lines_in_order(&[
+        "memcheck: FAILED: no mem scenario ran before",
+        "hello: ok",
+        "vanguard-guest: 1 scenario(s) FAILED",
+    ]);
+}
+
 // -------------------------------------------------------------- memory sizes --
 
 fn hello_mem_full(memory: &str, mib: u64) {

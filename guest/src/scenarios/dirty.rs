@@ -132,6 +132,13 @@ pub fn run(info: &BootInfo, arg: Option<&str>) -> bool {
         Some(Some(disk)) => Some(disk),
         Some(None) => return false,
     };
+    // The region (and with `disk` its readback region and array) is this scenario's now.
+    let footprint = if disk.is_some() {
+        2 * pages * PAGE + (pages * 8).next_multiple_of(PAGE)
+    } else {
+        pages * PAGE
+    };
+    super::mem::claim(start, start + footprint);
     let mut net = match net.map(|(ip, peer)| Host::open(info, ip, peer)) {
         None => None,
         Some(Ok(host)) => Some(NetIo { host, sent: 0 }),

@@ -4,6 +4,20 @@
 use crate::bootinfo::{parse_size, BootInfo, Range};
 use crate::entry::{self, PERCPU_SIZE};
 use crate::{io, println};
+use core::sync::atomic::{AtomicU64, Ordering};
+
+/// What the last `mem` wrote, for `memcheck`: its seed and byte limit (limit 0: none ran).
+static LAST_SEED: AtomicU64 = AtomicU64::new(0);
+static LAST_LIMIT: AtomicU64 = AtomicU64::new(0);
+/// Memory a later scenario took over (`dirty`'s region), [start, end): `memcheck` skips it.
+static CLAIMED_START: AtomicU64 = AtomicU64::new(0);
+static CLAIMED_END: AtomicU64 = AtomicU64::new(0);
+
+/// Marks [start, end) as written by another scenario since `mem` (one claim at a time).
+pub(super) fn claim(start: u64, end: u64) {
+    CLAIMED_START.store(start, Ordering::Relaxed);
+    CLAIMED_END.store(end, Ordering::Relaxed);
+}
 
 /// GiB of address space the guest can map (its page directories are static).
 const MAX_GIB: usize = 64;
@@ -82,6 +96,9 @@ fn test(info: &BootInfo, limit: u64) -> bool {
         }
     }
     let seed = io::rdtsc();
+    LAST_SEED.store(seed, Ordering::Relaxed);
+    LAST_LIMIT.store(limit.max(1), Ordering::Relaxed);
+    claim(0, 0);
     let t0 = io::rdtsc();
     let mut bytes = 0;
     for r in &list[..n] {
@@ -93,22 +110,9 @@ fn test(info: &BootInfo, limit: u64) -> bool {
         }
         bytes += r.end - r.start;
     }
-    for r in &list[..n] {
-        let mut a = r.start;
-        while a < r.end {
-            // SAFETY: as above.
-            let got = unsafe { core::ptr::read_volatile(a as *const u64) };
-            if got != pattern(a, seed) {
-                println!(
-                    "mem: FAILED at {:#x}: wrote {:#018x}, read {:#018x}",
-                    a,
-                    pattern(a, seed),
-                    got
-                );
-                return false;
-            }
-            a += 8;
-        }
+    if let Err((a, want, got)) = check(&list[..n], seed, (0, 0)) {
+        println!("mem: FAILED at {a:#x}: wrote {want:#018x}, read {got:#018x}");
+        return false;
     }
     let cycles = io::rdtsc() - t0;
     println!(
@@ -118,4 +122,60 @@ fn test(info: &BootInfo, limit: u64) -> bool {
         cycles / 1_000_000
     );
     true
+}
+
+/// `memcheck`: reads back everything the last `mem` wrote (its pattern at every word) but
+/// what another scenario claimed since; after a snapshot's restore or a migration, this checks
+/// every RAM range came back in place.
+pub fn run_check(info: &BootInfo, arg: Option<&str>) -> bool {
+    if arg.is_some() {
+        return super::bad("memcheck", arg);
+    }
+    let limit = LAST_LIMIT.load(Ordering::Relaxed);
+    if limit == 0 {
+        println!("memcheck: FAILED: no mem scenario ran before");
+        return false;
+    }
+    let seed = LAST_SEED.load(Ordering::Relaxed);
+    let (skip_start, skip_end) =
+        (CLAIMED_START.load(Ordering::Relaxed), CLAIMED_END.load(Ordering::Relaxed));
+    let cpus = crate::smp::PRESENT.load(Ordering::Relaxed);
+    let (list, n) = ranges(info, cpus, limit);
+    let (bytes, skipped) = match check(&list[..n], seed, (skip_start, skip_end)) {
+        Ok(counts) => counts,
+        Err((a, want, got)) => {
+            println!("memcheck: FAILED at {a:#x}: mem wrote {want:#018x}, read {got:#018x}");
+            return false;
+        }
+    };
+    println!(
+        "memcheck: verified {} MiB in {} ranges (skipped {} KiB another scenario wrote): ok",
+        bytes >> 20,
+        n,
+        skipped >> 10
+    );
+    true
+}
+
+/// Reads `list` back against the pattern of `seed`, but for the words in [skip.0, skip.1);
+/// returns the bytes checked and skipped, or the first wrong word (address, want, got).
+fn check(list: &[Range], seed: u64, skip: (u64, u64)) -> Result<(u64, u64), (u64, u64, u64)> {
+    let (mut bytes, mut skipped) = (0, 0);
+    for r in list {
+        let mut a = r.start;
+        while a < r.end {
+            if (skip.0..skip.1).contains(&a) {
+                skipped += 8;
+            } else {
+                // SAFETY: `mem` mapped [start, end), usable RAM this program does not use.
+                let got = unsafe { core::ptr::read_volatile(a as *const u64) };
+                if got != pattern(a, seed) {
+                    return Err((a, pattern(a, seed), got));
+                }
+                bytes += 8;
+            }
+            a += 8;
+        }
+    }
+    Ok((bytes, skipped))
 }

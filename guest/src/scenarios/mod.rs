@@ -32,6 +32,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("hello", hello::run),
     ("smp", smp::run),
     ("mem", mem::run),
+    ("memcheck", mem::run_check),
     ("dirty", dirty::run),
     ("disk", disk::run),
     ("diskwrite", disk::run_write),
