@@ -389,3 +389,50 @@ fn destinations_refuse_corrupt_streams_and_machines_they_cannot_hold() {
     verify(&mut src);
     src.kill_now();
 }
+
+/// A guest dirtying a 2 MiB region at 64 MiB/s over a link capped at 8 MiB/s never fits a
+/// 100 ms downtime by itself: with auto-converge (the default) the vCPUs are held more and more
+/// of the time until it does; without, the pre-copy gives up after 30 passes and the
+/// stop-and-copy takes as long as sending the whole region (about 250 ms).
+#[test]
+fn auto_converge_holds_a_guest_dirtying_faster_than_the_link() {
+    if !ready() {
+        return;
+    }
+    let dir = common::TempDir::new("migrate-converge");
+    let run = |name: &str, extra: &str| -> serde_json::Value {
+        let socket = dir.path().join(format!("{name}-src.sock"));
+        let src = source(1, "2M,64", &socket);
+        let address = format!("unix:{}", dir.path().join(format!("{name}.sock")).display());
+        let mut dst = destination(&address);
+        wait_listening(&address);
+        let body = format!(
+            r#"{{"destination":"{address}","bandwidth_mib_s":8,"max_downtime_ms":100{extra}}}"#
+        );
+        let (code, answer) = migrate(&socket, &body);
+        assert_eq!(code, 200, "{answer}");
+        src.finish().assert_code(0);
+        wait_for_step(&mut dst, 0);
+        verify(&mut dst);
+        dst.kill_now();
+        json(&answer)
+    };
+    let held = run("held", "");
+    println!("auto-converge: {held}");
+    assert_eq!(held["phase"], "completed", "{held}");
+    assert!(held["throttle_percent"].as_u64().unwrap() > 0, "never throttled: {held}");
+    let passes = held["passes"].as_u64().unwrap();
+    assert!((3..30).contains(&passes), "{passes} passes: {held}");
+    // Converged: the last copy fitted the maximum (plus the state and the destination's
+    // start, with room for a loaded machine).
+    let downtime = held["downtime_us"].as_u64().unwrap();
+    assert!(downtime < 200_000, "{downtime} us down: {held}");
+
+    let free = run("free", r#","auto_converge":false"#);
+    println!("no auto-converge: {free}");
+    assert_eq!(free["phase"], "completed", "{free}");
+    assert_eq!(free["throttle_percent"], 0, "{free}");
+    assert_eq!(free["passes"], 30, "gave up after 30 passes: {free}");
+    let downtime = free["downtime_us"].as_u64().unwrap();
+    assert!(downtime > 150_000, "the whole region at 8 MiB/s takes ~250 ms, not {downtime} us");
+}
