@@ -136,21 +136,33 @@ fn median(v: &mut [f64]) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// Snapshots a guest of `memory` running `cmdline` (which ends in `echo`) into `dir`; returns
-/// the API's answer.
-fn take_snapshot(memory: &str, cmdline: &str, dir: &Path, work: &Path) -> Result<String, String> {
-    let socket = work.join("snap.sock");
+/// Starts a guest of `memory` running `cmdline` (which ends in `echo`) with its API on
+/// `socket`; returns it once it waits at `echo`.
+fn echo_guest(memory: &str, cmdline: &str, socket: &Path) -> Result<Vmm, String> {
     let vm = Vmm::spawn(
         &["--memory", memory, "--cmdline", cmdline, "--api-socket", socket.to_str().unwrap_or("")],
         b"",
     )?;
     vm.wait_for("echo: ready", Duration::from_secs(120))?;
+    Ok(vm)
+}
+
+/// Snapshots the VM whose API is on `socket` into `dir`; returns the API's answer.
+fn snapshot_into(socket: &Path, dir: &Path) -> Result<String, String> {
     let body = format!(r#"{{"destination":"{}"}}"#, dir.display());
-    let (code, answer) = api(&socket, "PUT", "/v1/vm/snapshot", &body)?;
+    let (code, answer) = api(socket, "PUT", "/v1/vm/snapshot", &body)?;
     if code != 200 {
         return Err(format!("snapshot failed ({code}): {answer}"));
     }
     Ok(answer)
+}
+
+/// Snapshots a guest of `memory` running `cmdline` (which ends in `echo`) into `dir`; returns
+/// the API's answer.
+fn take_snapshot(memory: &str, cmdline: &str, dir: &Path, work: &Path) -> Result<String, String> {
+    let socket = work.join("snap.sock");
+    let _vm = echo_guest(memory, cmdline, &socket)?;
+    snapshot_into(&socket, dir)
 }
 
 /// `vanguard bench snapshot`.
@@ -200,26 +212,11 @@ pub fn run(runs: usize) -> Result<(), String> {
     // not backed yet is much slower to write first, whoever writes it).
     let dir = work.0.join("write-1G");
     let socket = work.0.join("write.sock");
-    let vm = Vmm::spawn(
-        &[
-            "--memory",
-            "1G",
-            "--cmdline",
-            "console=ttyS0 mem echo",
-            "--api-socket",
-            socket.to_str().unwrap_or(""),
-        ],
-        b"",
-    )?;
-    vm.wait_for("echo: ready", Duration::from_secs(120))?;
+    let vm = echo_guest("1G", "console=ttyS0 mem echo", &socket)?;
     let writes = runs.clamp(1, 5);
     let (mut saves, mut dds, mut bytes) = (Vec::new(), Vec::new(), 0);
     for _ in 0..writes {
-        let body = format!(r#"{{"destination":"{}"}}"#, dir.display());
-        let (code, answer) = api(&socket, "PUT", "/v1/vm/snapshot", &body)?;
-        if code != 200 {
-            return Err(format!("snapshot failed ({code}): {answer}"));
-        }
+        let answer = snapshot_into(&socket, &dir)?;
         saves.push(field(&answer, "total_us")? as f64 / 1e3);
         bytes = field(&answer, "memory_bytes_written")?;
         let out_file = work.0.join("dd.out");

@@ -38,12 +38,24 @@ fn snapshot(socket: &Path, dir: &Path, incremental: bool) -> serde_json::Value {
 
 /// Starts the test guest's `dirty` scenario with an API socket; returns it once it writes.
 fn start_dirty(cpus: u8, arg: &str, socket: &Path) -> common::Running {
+    start_guest(cpus, "128M", &format!("dirty={arg}"), socket, Duration::from_secs(120))
+}
+
+/// Starts a guest of `memory` running `scenarios` (among them `dirty`) with an API socket and
+/// a time limit; returns it once the dirty scenario writes.
+fn start_guest(
+    cpus: u8,
+    memory: &str,
+    scenarios: &str,
+    socket: &Path,
+    limit: Duration,
+) -> common::Running {
     let cpus = cpus.to_string();
     let mut vm = common::guest(
-        &format!("console=ttyS0 dirty={arg}"),
-        &["--cpus", &cpus, "--api-socket", socket.to_str().unwrap()],
+        &format!("console=ttyS0 {scenarios}"),
+        &["--cpus", &cpus, "--memory", memory, "--api-socket", socket.to_str().unwrap()],
     )
-    .timeout(Duration::from_secs(120))
+    .timeout(limit)
     .spawn_interactive();
     vm.wait_for_stdout("dirty: writing");
     wait_for_step(&mut vm, 0);
@@ -56,15 +68,18 @@ fn restore(dir: &Path) -> common::Running {
         .spawn_interactive()
 }
 
-/// Verifies the restored guest, checks its counter went on from `before`, and stops it.
-fn check_restored(mut vm: common::Running, before: u64) {
+/// Verifies the restored guest, checks its counter went on from `before`, and stops it;
+/// returns what it printed, through its clean exit.
+fn check_restored(mut vm: common::Running, before: u64) -> common::Outcome {
     let first = wait_for_step(&mut vm, 0);
     assert!(first > before, "the restored guest's step {first} is not past {before}");
     let verified = verify(&mut vm);
     assert!(verified >= first, "verified at {verified}, before step {first}");
     vm.write_stdin(b"q");
     vm.wait_for_stdout("dirty: stopped at step");
-    vm.finish().assert_clean_exit();
+    let out = vm.finish();
+    out.assert_clean_exit();
+    out
 }
 
 fn save_and_restore(cpus: u8) {
@@ -116,28 +131,14 @@ fn a_4_gib_guest_with_2_vcpus_is_saved_and_restored() {
     let dir = common::TempDir::new("snapshot-4g");
     let socket = dir.path().join("vmm.sock");
     let snap = dir.path().join("snap");
-    let mut vm = common::guest(
-        "console=ttyS0 mem dirty=32M memcheck",
-        &["--cpus", "2", "--memory", "4G", "--api-socket", socket.to_str().unwrap()],
-    )
-    .timeout(Duration::from_secs(240))
-    .spawn_interactive();
-    vm.wait_for_stdout("dirty: writing");
-    wait_for_step(&mut vm, 0);
+    let mut vm = start_guest(2, "4G", "mem dirty=32M memcheck", &socket, Duration::from_secs(240));
     verify(&mut vm);
     let before = *steps(&vm.stdout_so_far()).last().expect("steps before the snapshot");
     let info = snapshot(&socket, &snap, false);
     let written = info["memory_bytes_written"].as_u64().unwrap();
     assert!(written >= 4000 << 20, "nearly all 4 GiB is non-zero: {info}");
     vm.kill_now();
-    let mut vm = restore(&snap);
-    let first = wait_for_step(&mut vm, 0);
-    assert!(first > before, "the restored guest's step {first} is not past {before}");
-    verify(&mut vm);
-    vm.write_stdin(b"q");
-    vm.wait_for_stdout("dirty: stopped at step");
-    let out = vm.finish();
-    out.assert_clean_exit();
+    let out = check_restored(restore(&snap), before);
     let line = out.stdout.lines().find(|l| l.contains("memcheck:")).unwrap_or("");
     println!("{}", line.trim());
     assert!(line.contains("in 2 ranges") && line.trim_end().ends_with(": ok"), "{}", out.report());

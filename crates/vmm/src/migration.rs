@@ -346,20 +346,30 @@ fn lost(e: std::io::Error) -> SnapshotFailure {
 
 pub(crate) fn send(w: &mut impl Write, kind: u8, parts: &[&[u8]]) -> Result<(), SnapshotFailure> {
     let len: usize = parts.iter().map(|p| p.len()).sum();
-    w.write_all(&[kind]).map_err(lost)?;
-    w.write_all(&(len as u64).to_le_bytes()).map_err(lost)?;
+    send_head(w, kind, len as u64)?;
     for p in parts {
         w.write_all(p).map_err(lost)?;
     }
     Ok(())
 }
 
+/// Writes a message's kind and length; its `len` payload bytes must follow.
+fn send_head(w: &mut impl Write, kind: u8, len: u64) -> Result<(), SnapshotFailure> {
+    w.write_all(&[kind]).map_err(lost)?;
+    w.write_all(&len.to_le_bytes()).map_err(lost)
+}
+
 /// Reads one message; a length beyond [`MAX_MESSAGE`] is a corrupt stream.
 pub(crate) fn receive(r: &mut impl Read) -> Result<(u8, Vec<u8>), SnapshotFailure> {
     let (kind, len) = receive_head(r)?;
+    Ok((kind, receive_payload(r, len)?))
+}
+
+/// Reads a payload of `len` bytes (at most [`MAX_MESSAGE`], as [`receive_head`] checked).
+fn receive_payload(r: &mut impl Read, len: u64) -> Result<Vec<u8>, SnapshotFailure> {
     let mut payload = vec![0u8; usize::try_from(len).unwrap_or(0)];
     r.read_exact(&mut payload).map_err(lost)?;
-    Ok((kind, payload))
+    Ok(payload)
 }
 
 /// Reads a message's kind and length (at most [`MAX_MESSAGE`]), leaving its payload.
@@ -541,9 +551,7 @@ impl Sender<'_> {
             let offset = range.file_offset + (start * PAGE) as u64;
             let at = GuestAddress(range.guest + (start * PAGE) as u64);
             let run = self.mem.get_slice(at, n * PAGE).map_err(read_err)?;
-            let len = (8 + n * PAGE) as u64;
-            self.out.write_all(&[KIND_MEMORY]).map_err(lost)?;
-            self.out.write_all(&len.to_le_bytes()).map_err(lost)?;
+            send_head(self.out, KIND_MEMORY, (8 + n * PAGE) as u64)?;
             self.out.write_all(&offset.to_le_bytes()).map_err(lost)?;
             // The pages go from guest memory to the socket with no copy in between.
             self.out.flush().map_err(lost)?;
@@ -680,7 +688,6 @@ fn check_cpu_here(
     Ok(())
 }
 
-/// Writes a memory message into the destination's guest memory, checking it lies inside.
 /// Reads a memory message's payload of `len` bytes (its offset in the memory file, then
 /// whole pages) from `input` straight into guest memory: what `input` has buffered is
 /// copied, the rest is read from the socket into the guest's pages. Every page must fall in
@@ -855,11 +862,7 @@ pub(crate) fn run_incoming(
                 send(&mut gate.out, KIND_CATCH_UP, &[])?;
                 gate.out.flush().map_err(lost)?;
             }
-            KIND_STATE => {
-                let mut payload = vec![0u8; usize::try_from(len).unwrap_or(0)];
-                gate.input.read_exact(&mut payload).map_err(lost)?;
-                break payload;
-            }
+            KIND_STATE => break receive_payload(&mut gate.input, len)?,
             other => {
                 let e = SnapshotFailure::Migration(format!(
                     "corrupt migration stream: message {other:#04x} during the memory copy"
