@@ -31,7 +31,7 @@ fn source(cpus: u8, arg: &str, socket: &Path) -> common::Running {
 /// after `mem`, a `memcheck` follows the dirty scenario's end.
 fn source_with(cpus: u8, memory: &str, first: &str, arg: &str, socket: &Path) -> common::Running {
     let cpus = cpus.to_string();
-    let then = if first.split(' ').any(|w| w == "mem") { "memcheck" } else { "" };
+    let then = if runs_mem(first) { "memcheck" } else { "" };
     let mut vm = common::guest(
         &format!("console=ttyS0 {first} dirty={arg} {then}"),
         &["--cpus", &cpus, "--memory", memory, "--api-socket", socket.to_str().unwrap()],
@@ -40,6 +40,11 @@ fn source_with(cpus: u8, memory: &str, first: &str, arg: &str, socket: &Path) ->
     .spawn_interactive();
     wait_for_step(&mut vm, 0);
     vm
+}
+
+/// Whether the scenarios `first` include `mem` (then `memcheck` runs after `dirty`).
+fn runs_mem(first: &str) -> bool {
+    first.split(' ').any(|w| w == "mem")
 }
 
 fn destination(address: &str) -> common::Running {
@@ -61,7 +66,6 @@ fn move_guest(cpus: u8, address: &str) {
 /// Moves a guest of `memory` (running `first`, then `dirty=32M,8`) and checks at least
 /// `least` bytes went over.
 fn move_guest_of(cpus: u8, memory: &str, first: &str, address: &str, least: u64) {
-    let with_mem = first.split(' ').any(|w| w == "mem");
     let dir = common::TempDir::new("migrate");
     let socket = dir.path().join("src.sock");
     let mut src = source_with(cpus, memory, first, "32M,8", &socket);
@@ -80,14 +84,14 @@ fn move_guest_of(cpus: u8, memory: &str, first: &str, address: &str, least: u64)
     let out = src.finish();
     out.assert_code(0).assert_stderr_contains("the VM moved to another VMM");
     // The guest runs on at the destination, with every page as it left it.
-    let first = wait_for_step(&mut dst, 0);
-    assert!(first > before, "step {first} after the move is not past {before}");
+    let resumed = wait_for_step(&mut dst, 0);
+    assert!(resumed > before, "step {resumed} after the move is not past {before}");
     verify(&mut dst);
     dst.write_stdin(b"q");
     dst.wait_for_stdout("dirty: stopped at step");
     let out = dst.finish();
     out.assert_clean_exit();
-    if with_mem {
+    if runs_mem(first) {
         // Everything else `mem` wrote, in every RAM range, arrived where it belongs.
         let line = out.stdout.lines().find(|l| l.contains("memcheck:")).unwrap_or("");
         println!("{}", line.trim());
