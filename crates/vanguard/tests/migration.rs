@@ -17,6 +17,16 @@ fn ready() -> bool {
     common::kvm_available() && tool_available("curl", "--version", "curl")
 }
 
+/// The tests of this file run side by side (shared), but the auto-converge test runs alone
+/// (exclusive): whether holding the vCPUs 99% of the time slows the guest below the link
+/// depends on the throttle thread getting a CPU on time, which other spinning guests on a
+/// two-CPU machine take away (seen in CI: 30 passes at 99%).
+static LOAD: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn shared_load() -> std::sync::RwLockReadGuard<'static, ()> {
+    LOAD.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
@@ -101,6 +111,7 @@ fn move_guest_of(cpus: u8, memory: &str, first: &str, address: &str, least: u64)
 
 #[test]
 fn a_guest_writing_memory_moves_over_tcp() {
+    let _load = shared_load();
     if ready() {
         move_guest(1, &format!("tcp:127.0.0.1:{}", free_tcp_port()));
     }
@@ -108,6 +119,7 @@ fn a_guest_writing_memory_moves_over_tcp() {
 
 #[test]
 fn a_guest_with_4_vcpus_moves_over_a_unix_socket() {
+    let _load = shared_load();
     if ready() {
         let dir = common::TempDir::new("migrate-unix");
         move_guest(4, &format!("unix:{}", dir.path().join("mig.sock").display()));
@@ -116,6 +128,7 @@ fn a_guest_with_4_vcpus_moves_over_a_unix_socket() {
 
 #[test]
 fn killing_either_side_mid_migration_leaves_the_vm_on_exactly_one() {
+    let _load = shared_load();
     if !ready() {
         return;
     }
@@ -203,6 +216,7 @@ fn killing_either_side_mid_migration_leaves_the_vm_on_exactly_one() {
 /// guest's `mem` scenario first: every range goes over, and the guest runs on intact.
 #[test]
 fn a_4_gib_guest_with_2_vcpus_moves_over_tcp() {
+    let _load = shared_load();
     if !ready() {
         return;
     }
@@ -297,6 +311,7 @@ fn read_message(s: &mut impl Read) -> (u8, Vec<u8>) {
 
 #[test]
 fn destinations_refuse_corrupt_streams_and_machines_they_cannot_hold() {
+    let _load = shared_load();
     if !ready() {
         return;
     }
@@ -400,6 +415,7 @@ fn destinations_refuse_corrupt_streams_and_machines_they_cannot_hold() {
 /// stop-and-copy takes as long as sending the whole region (about 250 ms).
 #[test]
 fn auto_converge_holds_a_guest_dirtying_faster_than_the_link() {
+    let _alone = LOAD.write().unwrap_or_else(std::sync::PoisonError::into_inner);
     if !ready() {
         return;
     }
